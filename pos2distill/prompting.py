@@ -1,0 +1,58 @@
+"""Prompts: the reference R1 search-documents prompt and a KV-retrieval prompt.
+
+The R1 instruction keeps the reference's typo ("high-quantify"): the published
+checkpoints were trained with it. ``--instruction corrected`` fixes it.
+"""
+
+import json
+from typing import Sequence
+
+from .errors import UserError
+from .records import Document, Example
+
+R1_INSTRUCTION = (
+    "Please write a high-quantify answer for the given question using only the provided "
+    "search documents (some of which might be irrelevant)."
+)
+CORRECTED_INSTRUCTION = (
+    "Please write a high-quality answer for the given question using only the provided "
+    "search documents (some of which might be irrelevant)."
+)
+INSTRUCTIONS = {"reference": R1_INSTRUCTION, "corrected": CORRECTED_INSTRUCTION}
+
+KV_INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
+
+
+def qa_user_message(question: str, documents: Sequence[Document], instruction: str = R1_INSTRUCTION) -> str:
+    """``{instruction}\\n{context}\\nQuestion: {question}\\n``, context = ``- Title: t\\ntext\\n`` per document."""
+    context = "".join(f"- Title: {doc.title}\n{doc.text}\n" for doc in documents)
+    return f"{instruction}\n{context}\nQuestion: {question}\n"
+
+
+def kv_user_message(key: str, documents: Sequence[Document]) -> str:
+    """Lost-in-the-middle style KV prompt; each document is one key-value pair, in order."""
+    pairs = ",\n ".join(f"{json.dumps(doc.title)}: {json.dumps(doc.text)}" for doc in documents)
+    return f"{KV_INSTRUCTION}\n\nJSON data:\n{{{pairs}}}\n\nKey: {json.dumps(key)}\nCorresponding value:"
+
+
+def user_message(example: Example, documents: Sequence[Document], instruction: str = R1_INSTRUCTION) -> str:
+    """The user turn for ``example`` shown with ``documents`` in the given order."""
+    if example.kind == "kv":
+        return kv_user_message(example.question, documents)
+    return qa_user_message(example.question, documents, instruction)
+
+
+def resolve_instruction(name: str) -> str:
+    if name not in INSTRUCTIONS:
+        raise UserError(f"--instruction must be one of {sorted(INSTRUCTIONS)}, got {name!r}")
+    return INSTRUCTIONS[name]
+
+
+def chat_prompt(tokenizer, message: str) -> str:
+    """One user turn through the tokenizer's chat template, generation prompt added."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "the tokenizer")
+        raise UserError(f"{name} has no chat template; use a chat/instruct model")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+    )
