@@ -1,0 +1,93 @@
+"""Stage 2: build advantageous/trivial position pairs for distillation.
+
+Reads the stage-1 file raw_data/{dataset}/{model}_{total_doc}docs_{pos}.jsonl.gz,
+keeps the first --example_num examples whose sampled answer is correct and
+writes a Hugging Face dataset (save_to_disk) named
+{model}_{total_doc}total_docs_filter_{K}random_{strengthen}strengthen_{N}
+under --output_dir, with position_counts.json (rows per gold position).
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+from pos2distill.errors import UserError, run_cli
+from pos2distill.jsonl import iter_jsonl, write_text_atomic
+from pos2distill.pairs import build_rows, dataset_dir_name, position_counts, select_correct
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_name", default="SmolLM2-135M-Instruct", help="model name used in stage 1's file name")
+    parser.add_argument("--dataset_name", default="nq")
+    parser.add_argument("--total_doc", type=int, default=20)
+    parser.add_argument("--position_sample_num", type=int, default=4, help="K trivial positions per example")
+    parser.add_argument("--strengthen", type=int, default=1, help="anchor copies at the advantageous position")
+    parser.add_argument("--example_num", type=int, default=400, help="examples to keep (-1: every correct one)")
+    parser.add_argument("--input_path", default=None, help="stage-1 file (default: found under --raw_data_dir)")
+    parser.add_argument("--raw_data_dir", default="raw_data")
+    parser.add_argument("--output_dir", default="data")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser.parse_args(argv)
+
+
+def find_stage1_file(args) -> str:
+    if args.input_path:
+        return args.input_path
+    pattern = os.path.join(args.raw_data_dir, args.dataset_name, f"{args.model_name}_{args.total_doc}docs_*.jsonl.gz")
+    matches = sorted(glob.glob(pattern))
+    if len(matches) != 1:
+        found = "none" if not matches else ", ".join(matches)
+        raise UserError(f"need exactly one stage-1 file matching {pattern} (found {found}); pass --input_path")
+    return matches[0]
+
+
+def save_dataset(rows: list[dict], path: str) -> None:
+    """save_to_disk into a temporary folder, then swap it in; fingerprint from content (reproducible)."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    fingerprint = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+    dataset = Dataset(pa.Table.from_pylist(rows), fingerprint=fingerprint)
+    tmp, old = f"{path}.{os.getpid()}.partial", f"{path}.{os.getpid()}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv):
+    args = parse_args(argv)
+    source = find_stage1_file(args)
+    records = [(f"{source}:{line}", record) for line, record in iter_jsonl(source)]
+    kept = select_correct(records, args.example_num, args.total_doc)
+    rows = build_rows(kept, args.total_doc, args.position_sample_num, args.strengthen, args.seed)
+    if not rows:
+        raise UserError("no rows to write (K = 0 and --strengthen 0?)")
+    name = dataset_dir_name(args.model_name, args.total_doc, args.position_sample_num, args.strengthen, len(kept))
+    path = os.path.join(args.output_dir, name)
+    os.makedirs(args.output_dir, exist_ok=True)
+    save_dataset(rows, path)
+    counts = position_counts(rows, args.total_doc)
+    stats = {
+        "source": source, "examples_read": len(records), "examples_kept": len(kept),
+        "advantageous_position": rows[0]["teacher_gold_idx"], "rows": len(rows),
+        "anchor_rows": sum(r["is_anchor"] for r in rows), "rows_per_position": counts, "seed": args.seed,
+    }
+    write_text_atomic(os.path.join(args.output_dir, f"{name}.position_counts.json"), json.dumps(stats, indent=1))
+    print(f"kept {len(kept)} correct examples (read {len(records)}); {len(rows)} rows, "
+          f"{stats['anchor_rows']} anchors at position {stats['advantageous_position']}")
+    print("rows per position: " + " ".join(f"{p}:{n}" for p, n in counts.items()))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

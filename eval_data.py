@@ -1,0 +1,117 @@
+"""Stage 4: accuracy at every gold-document position.
+
+For each model and each position, the last ``--sample_num`` examples are asked
+with the gold document moved to that position (distractor order fixed per
+example), answered greedily, and scored by best-subspan EM on the first line.
+Writes per-example predictions (.jsonl.gz), a summary table (CSV, Markdown,
+JSON) with 95% confidence intervals, average and gap, and a PNG plot that
+overlays all models given.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+from pos2distill.cli_args import add_model_flags, dataset_name_from_path
+from pos2distill.errors import UserError, run_cli
+from pos2distill.formats import load_examples
+from pos2distill.generation import make_backend
+from pos2distill.models import model_name, resolve_model
+from pos2distill.position_eval import evaluate_positions
+from pos2distill.positions import parse_positions
+from pos2distill.prompting import resolve_instruction
+from pos2distill.report import plot_positions, summarize, to_console, write_summaries
+from pos2distill.resumable import ChunkedOutput
+from pos2distill.training_questions import training_questions
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input-path", dest="input_path", required=True, help="evaluation file (.jsonl[.gz])")
+    parser.add_argument("--output-path", dest="output_path", default="evaluate", help="output folder")
+    parser.add_argument("--dataset_name", default=None, help="default: from the input file name (nq, kv, tqa, ...)")
+    parser.add_argument("--total_doc", type=int, default=20, help="documents per prompt")
+    parser.add_argument("--sample_num", type=int, default=500, help="evaluate the last N examples (-1: all)")
+    parser.add_argument("--positions", default="all", help="all | comma list such as 0,4,9,last")
+    parser.add_argument("--label", nargs="*", default=None, help="plot/table labels, one per --model")
+    parser.add_argument("--train_dataset", default=None,
+                        help="stage-2 dataset folder or stage-1 file: warn if evaluated questions were trained on")
+    parser.add_argument("--no_stop_at_newline", action="store_true",
+                        help="generate the full answer (only the first line is scored either way)")
+    add_model_flags(parser, several_models=True)
+    return parser.parse_args(argv)
+
+
+def warn_training_overlap(train_dataset: str, examples) -> None:
+    trained = training_questions(train_dataset)
+    overlap = sum(1 for ex in examples if ex.question in trained)
+    if overlap:
+        print(f"WARNING: {overlap} of {len(examples)} evaluated questions are in the training data {train_dataset}")
+    else:
+        print(f"no overlap between the evaluated questions and {train_dataset}")
+
+
+def evaluate_model(args, model_arg, label, examples, example_ids, positions, dataset):
+    path = resolve_model(model_arg)
+    out_dir = os.path.join(args.output_path, dataset, label)
+    predictions_path = os.path.join(out_dir, f"predictions_{args.total_doc}docs.jsonl.gz")
+    config = {
+        "stage": "eval", "model": path, "input": os.path.abspath(args.input_path), "total_doc": args.total_doc,
+        "sample_num": args.sample_num, "positions": positions, "seed": args.seed, "instruction": args.instruction,
+        "max_new_tokens": args.max_new_tokens, "stop_at_newline": not args.no_stop_at_newline,
+    }
+    backend = make_backend(args.backend, path, num_gpus=args.num_gpus, batch_size=args.batch_size,
+                           max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed)
+    print(f"== {label}: {len(examples)} examples x {len(positions)} positions, backend {backend.name}")
+    started = time.perf_counter()
+    output = ChunkedOutput(predictions_path, config)
+    evaluate_positions(
+        backend, examples, example_ids, positions, seed=args.seed, max_new_tokens=args.max_new_tokens,
+        max_prompt_length=args.max_prompt_length, instruction=resolve_instruction(args.instruction),
+        stop_at_newline=not args.no_stop_at_newline, output=output,
+    )
+    records = output.finalize(len(positions))
+    backend.close()
+    seconds = time.perf_counter() - started
+    summary = summarize(records, label, args.total_doc)
+    summary.update({"model": path, "seconds": round(seconds, 1), "prompts_per_s": round(len(records) / seconds, 2)})
+    write_summaries([summary], os.path.join(out_dir, f"summary_{args.total_doc}docs"))
+    print(f"{label}: {len(records)} prompts in {seconds:.1f} s ({len(records) / seconds:.1f} prompts/s); "
+          f"predictions in {predictions_path}")
+    return summary
+
+
+def main(argv):
+    args = parse_args(argv)
+    models = args.model
+    labels = args.label or [model_name(m) for m in models]
+    if len(labels) != len(models):
+        raise UserError(f"--label gives {len(labels)} labels for {len(models)} models")
+    dataset = args.dataset_name or dataset_name_from_path(args.input_path)
+    examples = load_examples(args.input_path, total_doc=args.total_doc)
+    if not examples:
+        raise UserError(f"{args.input_path}: no examples")
+    first = 0 if args.sample_num < 0 else max(0, len(examples) - args.sample_num)
+    example_ids = list(range(first, len(examples)))
+    examples = examples[first:]
+    positions = parse_positions(args.positions, args.total_doc)
+    if args.train_dataset:
+        warn_training_overlap(args.train_dataset, examples)
+    summaries = [
+        evaluate_model(args, model_arg, label, examples, example_ids, positions, dataset)
+        for model_arg, label in zip(models, labels)
+    ]
+    out_dir = os.path.join(args.output_path, dataset)
+    prefix = os.path.join(out_dir, f"positions_{args.total_doc}docs_" + "_vs_".join(labels))
+    tables = write_summaries(summaries, prefix)
+    plot = plot_positions(summaries, prefix + ".png",
+                          title=f"{dataset}, {args.total_doc} documents, last {len(examples)} examples")
+    print()
+    print(to_console(summaries))
+    print(f"tables: {', '.join(tables)}\nplot: {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,162 @@
+"""Stage 1: sample answers with the gold document at the advantageous position.
+
+Each example's distractors are shuffled once (seeded by example id), the gold
+document is inserted at ``--gold_doc`` and one answer is sampled per question.
+``--gold_doc auto`` first measures greedy accuracy at every position on a
+held-out slice (examples just before the last ``--eval_holdout``, which stage 4
+evaluates) and takes the best position. Output, one record per example:
+raw_data/{dataset}/{model}_{total_doc}docs_{gold_doc}.jsonl.gz with
+``documents``, ``distractors``, ``gold_idx``, ``oracle_prompt``, ``oracle_answer``
+and ``oracle_correct``. An interrupted run restarted with the same arguments
+resumes where it stopped and writes the same file.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from pos2distill.cli_args import add_model_flags, dataset_name_from_path
+from pos2distill.errors import UserError, run_cli
+from pos2distill.formats import example_to_raw, load_examples
+from pos2distill.generation import make_backend
+from pos2distill.jsonl import write_text_atomic
+from pos2distill.metrics import score_prediction
+from pos2distill.models import model_name, resolve_model
+from pos2distill.position_eval import check_prompt_lengths, evaluate_positions, prompt_examples
+from pos2distill.positions import parse_position, parse_positions
+from pos2distill.prompting import resolve_instruction
+from pos2distill.report import summarize, to_console
+from pos2distill.resumable import ChunkedOutput
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input-path", dest="input_path", required=True, help="examples (.jsonl[.gz], any supported format)")
+    parser.add_argument("--output-path", dest="output_path", default="raw_data",
+                        help="output folder (file goes to {folder}/{dataset}/...), or a .jsonl.gz file name")
+    parser.add_argument("--dataset_name", default=None, help="default: from the input file name (nq, kv, ...)")
+    parser.add_argument("--total_doc", type=int, default=20, help="documents per prompt")
+    parser.add_argument("--gold_doc", default="0", help="advantageous position: index, first, last or auto")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top_p", type=float, default=0.95)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    parser.add_argument("--chunk_size", type=int, default=256, help="examples per resumable chunk")
+    parser.add_argument("--probe_num", type=int, default=100, help="--gold_doc auto: held-out examples to probe")
+    parser.add_argument("--probe_positions", default="all", help="--gold_doc auto: positions to probe")
+    parser.add_argument("--eval_holdout", type=int, default=500,
+                        help="--gold_doc auto: the last N examples (stage 4's) are never probed")
+    add_model_flags(parser)
+    return parser.parse_args(argv)
+
+
+def probe_slice(num_examples: int, probe_num: int, holdout: int) -> range:
+    """Examples just before the evaluation hold-out; the whole file's tail if it is too short."""
+    end = num_examples - holdout
+    if end <= 0:
+        print(f"WARNING: only {num_examples} examples, fewer than --eval_holdout {holdout}: "
+              f"probing the last {min(probe_num, num_examples)}, which stage 4 may also evaluate")
+        return range(max(0, num_examples - probe_num), num_examples)
+    return range(max(0, end - probe_num), end)
+
+
+def choose_advantageous_position(args, backend, examples, instruction) -> tuple[int, dict]:
+    ids = list(probe_slice(len(examples), args.probe_num, args.eval_holdout))
+    positions = parse_positions(args.probe_positions, args.total_doc)
+    print(f"== --gold_doc auto: greedy accuracy at {len(positions)} positions on examples {ids[0]}..{ids[-1]}")
+    records = evaluate_positions(
+        backend, [examples[i] for i in ids], ids, positions, seed=args.seed, max_new_tokens=args.max_new_tokens,
+        max_prompt_length=args.max_prompt_length, instruction=instruction,
+    )
+    summary = summarize(records, "probe", args.total_doc)
+    best = max(summary["positions"], key=lambda p: (summary["accuracy"][p], -p))
+    print(to_console([summary]))
+    print(f"advantageous position: {best} (accuracy {summary['accuracy'][best]:.1f})")
+    return best, summary
+
+
+def output_file(args, dataset: str, model: str, position: int) -> str:
+    if args.output_path.endswith((".jsonl", ".jsonl.gz")):
+        return args.output_path
+    return os.path.join(args.output_path, dataset, f"{model}_{args.total_doc}docs_{position}.jsonl.gz")
+
+
+def stage1_record(item, answer: str, instruction: str, model: str) -> dict:
+    record = example_to_raw(item.example)
+    record.update({
+        "example_id": item.example_id,
+        "distractors": [d.to_dict() for d in item.distractors],
+        "documents": [d.to_dict() for d in item.documents],
+        "gold_idx": item.position,
+        "instruction": instruction,
+        "oracle_prompt": item.prompt,
+        "oracle_answer": answer,
+        "oracle_correct": bool(score_prediction(answer, item.example.answers)),
+        "model": model,
+    })
+    return record
+
+
+def main(argv):
+    args = parse_args(argv)
+    instruction = resolve_instruction(args.instruction)
+    dataset = args.dataset_name or dataset_name_from_path(args.input_path)
+    examples = load_examples(args.input_path, total_doc=args.total_doc)
+    if not examples:
+        raise UserError(f"{args.input_path}: no examples")
+    model_path = resolve_model(args.model)
+    name = model_name(args.model)
+    backend = make_backend(args.backend, model_path, num_gpus=args.num_gpus, batch_size=args.batch_size,
+                           max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed)
+
+    probe = None
+    if args.gold_doc.strip().lower() == "auto":
+        position, probe = choose_advantageous_position(args, backend, examples, instruction)
+    else:
+        position = parse_position(args.gold_doc, args.total_doc)
+
+    todo = examples[: args.limit] if args.limit else examples
+    path = output_file(args, dataset, name, position)
+    config = {
+        "stage": 1, "input": os.path.abspath(args.input_path), "model": model_path, "total_doc": args.total_doc,
+        "gold_doc": position, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens, "instruction": instruction, "limit": args.limit,
+        "chunk_size": args.chunk_size,
+    }
+    output = ChunkedOutput(path, config)
+    chunks = [range(s, min(s + args.chunk_size, len(todo))) for s in range(0, len(todo), args.chunk_size)]
+    print(f"== stage 1: {len(todo)} examples, gold at position {position} of {args.total_doc}, "
+          f"backend {backend.name}, {len(chunks)} chunks -> {path}")
+    started, generated = time.perf_counter(), 0
+    for index, ids in enumerate(chunks):
+        if output.done(index):
+            continue
+        items = prompt_examples(backend.tokenizer, [todo[i] for i in ids], list(ids), position, args.seed, instruction)
+        check_prompt_lengths(backend, [it.prompt for it in items], args.max_prompt_length, f"chunk {index}")
+        answers = backend.generate(
+            [it.prompt for it in items], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_p=args.top_p, seed=args.seed * 100003 + index, desc=f"chunk {index + 1}/{len(chunks)}",
+        )
+        output.write_chunk(index, [stage1_record(it, a, instruction, name) for it, a in zip(items, answers)])
+        generated += len(items)
+    seconds = time.perf_counter() - started
+    records = output.finalize(len(chunks))
+    backend.close()
+
+    accuracy = 100.0 * sum(r["oracle_correct"] for r in records) / len(records)
+    stats = {
+        "output": path, "examples": len(records), "gold_doc": position, "accuracy": round(accuracy, 2),
+        "generated_now": generated, "seconds": round(seconds, 1),
+        "prompts_per_s": round(generated / seconds, 2) if generated else None, "config": config, "probe": probe,
+    }
+    write_text_atomic(path[: -len(".jsonl.gz")] + ".summary.json" if path.endswith(".jsonl.gz") else path + ".summary.json",
+                      json.dumps(stats, indent=1, default=str))
+    rate = f", {generated / seconds:.1f} prompts/s" if generated else ""
+    print(f"accuracy at position {position}: {accuracy:.1f}% of {len(records)} ({seconds:.1f} s{rate})")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,238 @@
+"""Stage 3 of Pos2Distill: distil the advantageous position into the trivial ones.
+
+Launch with DeepSpeed, as in the README (``deepspeed --master_port 6666 kd/train_kd.py ...``);
+on a machine without GPUs the same command runs on CPU with gloo
+(``deepspeed --num_gpus 1 kd/train_kd.py ...``). ``--kd_coef a,b,c,d`` mixes
+total = a*kd + b*lm + c*rank + d*adaptive; ``0,0,0,1`` is Pos2Distill.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script (that is how the deepspeed launcher starts it): import the package
+    # from the repository root rather than the sibling files in kd/.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from pos2distill.errors import UserError, run_cli
+
+LOSS_FLAGS = ("kd", "lm", "rank", "adaptive")
+
+
+def parse_kd_coef(text: str) -> tuple:
+    """``a,b,c,d``: four finite non-negative numbers, not all zero."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4 or any(not math.isfinite(v) or v < 0 for v in values):
+        raise UserError(
+            f"--kd_coef must be four non-negative numbers a,b,c,d (kd,lm,rank,adaptive), got {text!r}"
+        )
+    if not any(values):
+        raise UserError(f"--kd_coef {text!r}: all four coefficients are zero, nothing to train")
+    return values
+
+
+def run_name(dataset: str, kd_coef: tuple, perserve: float) -> str:
+    """``{dataset}_kd{a}_lm{b}_rank{c}_adaptive{d}_{perserve}``, floats written like 1.0."""
+    basename = os.path.basename(os.path.normpath(dataset))
+    mix = "_".join(f"{name}{float(value)}" for name, value in zip(LOSS_FLAGS, kd_coef))
+    return f"{basename}_{mix}_{float(perserve)}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, help="stage-2 dataset folder (save_to_disk), or its name under --data_root")
+    data.add_argument("--data_root", default="data", help="where --dataset names are looked up")
+    data.add_argument("--dataset_name", default=None, help="short name (nq, kv, ...): groups the TensorBoard runs")
+    data.add_argument("--input_key", default="question", help="column with the question (KV: the key)")
+    data.add_argument("--output_key", default="oracle_answer", help="column with the teacher's answer")
+    data.add_argument("--max_samples", type=int, default=1000000, help="use at most this many rows")
+    data.add_argument("--max_len", type=int, default=32000, help="drop rows whose teacher or student sequence is longer")
+    data.add_argument("--apply_chat_template", action="store_true", help="wrap prompts with the tokenizer's chat template")
+
+    kd = parser.add_argument_group("distillation")
+    kd.add_argument("--pretrain", required=True, help="student model (folder or hub id)")
+    kd.add_argument("--teacher_model", default=None, help="teacher model (default: --pretrain)")
+    kd.add_argument("--kd_coef", default="0.0,0.0,0.0,1.0", help="a,b,c,d: total = a*kd + b*lm + c*rank + d*adaptive")
+    kd.add_argument("--perserve", type=float, default=1.0, help="lambda: weight of the anchor samples in the adaptive loss")
+    kd.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL losses")
+    kd.add_argument("--rank_top_k", type=int, default=20, help="teacher top-k ids of the rank loss")
+    kd.add_argument("--teacher_offload", action="store_true", help="ZeRO-3 parameter offload to CPU for the teacher")
+    kd.add_argument("--max_consecutive_skips", type=int, default=5,
+                    help="abort after this many optimizer steps in a row with non-finite loss or gradients")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--max_epochs", type=int, default=1)
+    optim.add_argument("--learning_rate", type=float, default=3e-6)
+    optim.add_argument("--lr_scheduler", default="cosine_with_min_lr")
+    optim.add_argument("--lr_warmup_ratio", type=float, default=0.05)
+    optim.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of --learning_rate")
+    optim.add_argument("--l2", type=float, default=0.01, help="AdamW weight decay")
+    optim.add_argument("--adam_betas", type=float, nargs=2, default=(0.9, 0.95))
+    optim.add_argument("--max_norm", type=float, default=1.0, help="gradient clipping")
+    optim.add_argument("--train_batch_size", type=int, default=32, help="global batch (all processes)")
+    optim.add_argument("--micro_train_batch_size", type=int, default=4, help="batch per process and forward")
+    optim.add_argument("--seed", type=int, default=42)
+    optim.add_argument("--full_determinism", action="store_true")
+
+    ds = parser.add_argument_group("deepspeed")
+    ds.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    ds.add_argument("--zero_stage", type=int, default=3, choices=(0, 1, 2, 3))
+    ds.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPUs; CPU runs stay fp32)")
+    ds.add_argument("--flash_attn", action="store_true",
+                    help="flash_attention_2 when flash-attn is installed; otherwise SDPA with a warning")
+    ds.add_argument("--gradient_checkpointing", action="store_true")
+    ds.add_argument("--gradient_checkpointing_use_reentrant", action="store_true")
+    ds.add_argument("--adam_offload", action="store_true", help="optimizer states on CPU (DeepSpeedCPUAdam)")
+    ds.add_argument("--zpg", type=int, default=1, help="ZeRO++ partition size")
+    ds.add_argument("--grad_accum_dtype", default=None)
+    ds.add_argument("--overlap_comm", action="store_true")
+    ds.add_argument("--disable_fast_tokenizer", action="store_true")
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora_rank", type=int, default=0)
+    lora.add_argument("--lora_alpha", type=int, default=16)
+    lora.add_argument("--lora_dropout", type=float, default=0.0)
+    lora.add_argument("--target_modules", nargs="*", default="all-linear")
+
+    ckpt = parser.add_argument_group("checkpoints and logs")
+    ckpt.add_argument("--save_path", default="checkpoints", help="the model is saved in SAVE_PATH/{dataset}_kd..._{perserve}")
+    ckpt.add_argument("--save_steps", type=int, default=-1, help="DeepSpeed checkpoint every N steps (-1: never)")
+    ckpt.add_argument("--ckpt_path", default="./ckpt/checkpoints_kd", help="DeepSpeed checkpoints (for --load_checkpoint)")
+    ckpt.add_argument("--max_ckpt_num", type=int, default=3)
+    ckpt.add_argument("--max_ckpt_mem", type=float, default=1e8, help="GiB")
+    ckpt.add_argument("--load_checkpoint", action="store_true", help="resume from the latest checkpoint in --ckpt_path")
+    ckpt.add_argument("--save_hf_ckpt", action="store_true", help="also save a Hugging Face folder with each checkpoint")
+    ckpt.add_argument("--disable_ds_ckpt", action="store_true")
+    ckpt.add_argument("--logging_steps", type=int, default=1)
+    ckpt.add_argument("--eval_steps", type=int, default=-1, help="accepted for compatibility; stage 3 has no eval set")
+    ckpt.add_argument("--use_tensorboard", default=None, metavar="DIR", help="write TensorBoard scalars under DIR")
+    ckpt.add_argument("--use_wandb", default=None)
+    ckpt.add_argument("--wandb_org", default=None)
+    ckpt.add_argument("--wandb_group", default=None)
+    ckpt.add_argument("--wandb_project", default="pos2distill")
+    ckpt.add_argument("--wandb_run_name", default=None, help="default: the output folder name")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return parser
+
+
+def parse_args(argv):
+    args = build_parser().parse_args(argv)
+    args.kd_coef = parse_kd_coef(args.kd_coef)
+    for flag in ("train_batch_size", "micro_train_batch_size", "max_len", "max_epochs", "max_samples",
+                 "max_consecutive_skips", "rank_top_k", "logging_steps"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    if args.temperature <= 0 or args.perserve < 0:
+        raise UserError("--temperature must be positive and --perserve non-negative")
+    args.teacher_model = args.teacher_model or args.pretrain
+    args.run_name = run_name(args.dataset, args.kd_coef, args.perserve)
+    args.output_dir = os.path.join(args.save_path, args.run_name)
+    if args.wandb_run_name is None:
+        args.wandb_run_name = os.path.join(args.dataset_name, args.run_name) if args.dataset_name else args.run_name
+    return args
+
+
+def attention_implementation(want_flash: bool, strategy) -> str:
+    from transformers.utils import is_flash_attn_2_available
+
+    from kd.flash_attn_fallback import flash_attn_installed
+
+    if not want_flash:
+        return "sdpa"
+    if flash_attn_installed() and is_flash_attn_2_available():
+        return "flash_attention_2"
+    strategy.print("warning: --flash_attn requested but flash-attn is not usable here; using SDPA attention")
+    return "sdpa"
+
+
+def train(args) -> None:
+    from transformers import get_scheduler
+
+    from kd.pair_dataset import PairDataset, load_pairs, resolve_dataset_path
+    from kd.strategy import KDStrategy
+    from kd.trainer import Pos2DistillTrainer
+    from openrlhf.utils import get_tokenizer
+
+    dataset_path = resolve_dataset_path(args.dataset, args.data_root)
+    strategy = KDStrategy(args)
+    strategy.setup_distributed()
+    strategy.print("config:")
+    strategy.print_config(vars(args))
+
+    attn = attention_implementation(args.flash_attn, strategy)
+    model = strategy.load_actor(args.pretrain, strategy.get_ds_train_config(is_actor=True), args.lora_rank, attn)
+    teacher = strategy.load_actor(args.teacher_model, strategy.get_ds_eval_config(offload=args.teacher_offload), 0, attn)
+    teacher._offload = args.teacher_offload  # read by strategy.prepare: ZeRO-3 param offload
+    teacher.eval()
+    teacher.requires_grad_(False)
+    if teacher.model.config.vocab_size != model.model.config.vocab_size:
+        raise UserError(
+            f"teacher vocabulary ({teacher.model.config.vocab_size}) differs from the student's "
+            f"({model.model.config.vocab_size}); the teacher must share the student's tokenizer"
+        )
+    tokenizer = get_tokenizer(args.pretrain, model.model, "left", strategy, use_fast=not args.disable_fast_tokenizer)
+
+    rows = load_pairs(dataset_path, args.input_key, args.output_key, args.max_samples)
+    dataset = PairDataset(rows, tokenizer, args.max_len, args.input_key, args.output_key, args.apply_chat_template)
+    strategy.print(
+        f"{dataset_path}: {len(dataset)} of {len(rows)} rows used; {dataset.dropped} dropped as longer than "
+        f"--max_len {args.max_len}; {dataset.empty_answers} with an empty first answer line (response = EOS)"
+    )
+    steps_per_epoch = len(dataset) // args.train_batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(dataset)} usable rows are fewer than --train_batch_size {args.train_batch_size}")
+    dataloader = strategy.setup_dataloader(
+        dataset, args.micro_train_batch_size, strategy.use_cuda, True, dataset.collate_fn
+    )
+
+    optim = strategy.create_optimizer(model, lr=args.learning_rate, betas=tuple(args.adam_betas), weight_decay=args.l2)
+    max_steps = math.ceil(args.max_epochs * steps_per_epoch)
+    scheduler = get_scheduler(
+        args.lr_scheduler,
+        optim,
+        num_warmup_steps=math.ceil(max_steps * args.lr_warmup_ratio),
+        num_training_steps=max_steps,
+        scheduler_specific_kwargs={"min_lr": args.learning_rate * args.min_lr_ratio}
+        if args.lr_scheduler == "cosine_with_min_lr" else {},
+    )
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": args.gradient_checkpointing_use_reentrant}
+        )
+    (model, optim, scheduler), teacher = strategy.prepare((model, optim, scheduler), teacher)
+
+    consumed_samples, skipped_steps = 0, 0
+    if args.load_checkpoint:
+        if not os.path.isfile(os.path.join(args.ckpt_path, "latest")):
+            raise UserError(f"--load_checkpoint: no DeepSpeed checkpoint in {args.ckpt_path}")
+        _, states = strategy.load_ckpt(model.model, args.ckpt_path)
+        consumed_samples = states["consumed_samples"]
+        skipped_steps = states.get("skipped_steps", 0)
+        strategy.print(f"resumed from {args.ckpt_path}: {consumed_samples} samples consumed")
+
+    trainer = Pos2DistillTrainer(model, teacher, strategy, optim, dataloader, scheduler, tokenizer, args, skipped_steps)
+    trainer.fit(args, consumed_samples, steps_per_epoch)
+
+    strategy.save_model(model, tokenizer, args.output_dir)
+    if strategy.is_rank_0():
+        with open(os.path.join(args.output_dir, "kd_args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
+    strategy.print(f"saved {args.output_dir} ({trainer.skipped_steps} optimizer steps skipped)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

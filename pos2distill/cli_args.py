@@ -1,0 +1,29 @@
+"""Flags shared by the stage scripts (spelled as in the reference scripts)."""
+
+import argparse
+
+
+def add_model_flags(parser: argparse.ArgumentParser, several_models: bool = False) -> None:
+    help_text = "local folder, hub id, .gguf file, or SmolLM2-135M-Instruct (embedded default)"
+    if several_models:
+        parser.add_argument("--model", nargs="+", required=True, help=help_text + "; several models are overlaid")
+    else:
+        parser.add_argument("--model", default="SmolLM2-135M-Instruct", help=help_text)
+    parser.add_argument("--backend", default="auto", help="auto | vllm | hf (auto: vLLM when installed and a GPU is visible)")
+    parser.add_argument("--num_gpus", type=int, default=None, help="GPUs for vLLM (default: all visible)")
+    parser.add_argument("--batch_size", type=int, default=16, help="prompts per batch (HF backend)")
+    parser.add_argument("--max-prompt-length", dest="max_prompt_length", type=int, default=32768,
+                        help="longest prompt in tokens; longer prompts are an error, never truncated")
+    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=100)
+    parser.add_argument("--instruction", default="reference", help="reference (the R1 prompt, typo kept) | corrected")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def dataset_name_from_path(path: str) -> str:
+    """nq-open-20_total_documents.jsonl.gz -> nq; kv-retrieval-75_keys -> kv; tqa_dev -> tqa."""
+    import os
+    import re
+
+    base = os.path.basename(path)
+    return re.split(r"[-_.]", base, maxsplit=1)[0] or "data"

@@ -1,0 +1,754 @@
+"""Text generation behind one interface: Hugging Face ``generate`` or vLLM.
+
+Both backends take prompts that are already chat-templated strings, return
+one completion per prompt in input order (special tokens stripped), and
+record throughput in ``last_stats``.
+
+    backend = make_backend(resolve_backend_name(args.backend), args.model, num_gpus=...)
+    try:
+        outputs = backend.generate(prompts, max_new_tokens=100, temperature=0.0)
+    finally:
+        backend.close()
+
+Sampling is seeded at the start of every ``generate`` call, so the same call
+with the same seed gives the same outputs (callers resume in fixed chunks and
+seed each chunk).
+
+``stop_at_newline=True`` is an optimisation for answers that are scored on
+the first line of the stripped output: a row may stop once a newline follows
+some non-whitespace text. A leading newline never stops a row.
+
+Heavy imports (torch, transformers, vllm) happen inside functions: the vLLM
+data-parallel workers are spawned processes that import this module and must
+set ``CUDA_VISIBLE_DEVICES`` before anything touches CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import time
+import traceback
+import warnings
+import weakref
+
+from .errors import UserError
+from .models import resolve_model
+
+BACKENDS = ("auto", "hf", "vllm")
+_DTYPES = {
+    "auto": "auto",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
+# vLLM's stop string for stop_at_newline; see VLLMBackend.generate for the leading-newline case.
+_NEWLINE = "\n"
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def vllm_available() -> bool:
+    """Whether ``import vllm`` would find a package (without importing it)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_backend_name(name: str) -> str:
+    """``auto`` -> ``vllm`` when vLLM is installed and a CUDA GPU is visible, else ``hf``."""
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "vllm" if vllm_available() and _cuda_available() else "hf"
+    if name == "vllm" and not vllm_available():
+        raise UserError("vLLM requested (--backend vllm) but not installed; pip install vllm or use --backend hf")
+    return name
+
+
+def _normalize_dtype(dtype: str) -> str:
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in _DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of auto, bfloat16, float16, float32")
+    return _DTYPES[key]
+
+
+def make_backend(
+    name: str,
+    model: str,
+    *,
+    num_gpus: int | None = None,
+    batch_size: int = 16,
+    max_model_len: int | None = None,
+    dtype: str = "auto",
+    seed: int = 0,
+    tensor_parallel_size: int | None = None,
+) -> "GenerationBackend":
+    """Build a backend for ``model`` (anything ``resolve_model`` accepts).
+
+    ``name``: ``hf``, ``vllm`` or ``auto`` (resolved with ``resolve_backend_name``).
+
+    HF: one device (the first CUDA GPU, else the CPU); ``batch_size`` prompts per
+    ``generate`` call; ``num_gpus`` and ``tensor_parallel_size`` must be at most 1.
+
+    vLLM: ``num_gpus`` GPUs in all (default: every visible GPU), split into
+    ``num_gpus / tensor_parallel_size`` data-parallel replicas of
+    ``tensor_parallel_size`` GPUs each (default 1: pure data parallel, the
+    fastest choice when the model fits on one GPU). One replica runs in this
+    process; several run as spawned worker processes, one per GPU group, each
+    given a contiguous shard of the prompts. Examples: ``num_gpus=8`` -> 8
+    workers of 1 GPU; ``num_gpus=8, tensor_parallel_size=8`` -> one engine
+    sharded over 8 GPUs (the reference setup); ``num_gpus=8,
+    tensor_parallel_size=2`` -> 4 workers of 2 GPUs. ``batch_size`` is unused
+    (vLLM schedules its own batches). ``seed`` seeds the engine; per-call
+    sampling seeds come from ``generate(seed=...)``.
+    """
+    name = resolve_backend_name(name)
+    dtype = _normalize_dtype(dtype)
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {batch_size}")
+    if max_model_len is not None and max_model_len < 1:
+        raise UserError(f"--max_model_len must be at least 1, got {max_model_len}")
+    path = resolve_model(model)
+    if name == "hf":
+        if (num_gpus or 0) > 1 or (tensor_parallel_size or 1) > 1:
+            raise UserError(
+                "the hf backend runs on one device; use --backend vllm for several GPUs "
+                "(or launch one process per GPU)"
+            )
+        return HFBackend(path, batch_size=batch_size, max_model_len=max_model_len, dtype=dtype, seed=seed)
+    return VLLMBackend(
+        path,
+        num_gpus=num_gpus,
+        tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max_model_len,
+        dtype=dtype,
+        seed=seed,
+    )
+
+
+# --------------------------------------------------------------------------- interface
+
+
+class GenerationBackend:
+    """What the stage scripts use; see the module docstring."""
+
+    name: str = ""
+    tokenizer = None
+
+    def __init__(self):
+        self.last_stats: dict = {}
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        """Prompt lengths in tokens (prompts are chat-templated already: no special tokens added)."""
+        if not prompts:
+            return []
+        encoded = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        return [len(ids) for ids in encoded]
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_at_newline: bool = False,
+        desc: str = "generating",
+    ) -> list[str]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_sampling(self, max_new_tokens: int, temperature: float, top_p: float) -> None:
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {top_p}")
+
+    def _record(self, prompts: int, seconds: float, new_tokens: int) -> None:
+        seconds = max(seconds, 1e-9)
+        self.last_stats = {
+            "prompts": prompts,
+            "seconds": seconds,
+            "prompts_per_s": prompts / seconds,
+            "new_tokens": new_tokens,
+            "new_tokens_per_s": new_tokens / seconds,
+        }
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def newline_token_table(tokenizer, vocab_size: int | None = None):
+    """Per-token flags for the newline stop, as three bool tensors of ``vocab_size``.
+
+    ``has_newline``: the token's text contains "\\n"; ``content_before_newline``: it
+    has non-whitespace text before its first "\\n"; ``has_content``: it has any
+    non-whitespace text. Special tokens count as empty (they are stripped from outputs).
+    """
+    import torch
+
+    size = max(vocab_size or 0, len(tokenizer))
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    padding = [False] * (size - len(texts))  # ids the model has but the tokenizer never produces
+    cuts = [text.find("\n") for text in texts]
+    has_newline = torch.tensor([cut >= 0 for cut in cuts] + padding, dtype=torch.bool)
+    content_before = torch.tensor(
+        [cut > 0 and bool(text[:cut].strip()) for text, cut in zip(texts, cuts)] + padding, dtype=torch.bool
+    )
+    has_content = torch.tensor([bool(text.strip()) for text in texts] + padding, dtype=torch.bool)
+    return has_newline, content_before, has_content
+
+
+def newline_stopper(table, prompt_width: int):
+    """A StoppingCriteria for one ``generate`` call on left-padded prompts ``prompt_width`` wide.
+
+    ``table`` is ``newline_token_table(...)`` (on the model's device).
+    """
+    return _newline_stopper_class()(table, prompt_width)
+
+
+@functools.lru_cache(maxsize=None)
+def _newline_stopper_class():
+    # Built lazily: the base class lives in transformers, which this module imports late.
+    from transformers import StoppingCriteria
+
+    class NewlineAfterContent(StoppingCriteria):
+        """Stops a row once it has produced a newline after some non-whitespace text.
+
+        Looks only at the newest token of each row (O(batch) per step, no host sync)
+        and keeps per-row state; one instance per ``generate`` call. ``stop_step``
+        holds, per row, the index of the generated token that stopped it (-1: none).
+        """
+
+        def __init__(self, table, prompt_width: int):
+            self.has_newline, self.content_before, self.has_content = table
+            self.prompt_width = prompt_width
+            self.seen_content = None
+            self.stop_step = None
+
+        def __call__(self, input_ids, scores=None, **kwargs):
+            import torch
+
+            last = input_ids[:, -1]
+            if self.seen_content is None:
+                batch = input_ids.shape[0]
+                self.seen_content = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+                self.stop_step = torch.full((batch,), -1, dtype=torch.long, device=input_ids.device)
+            newline = self.has_newline[last]
+            done = newline & (self.seen_content | self.content_before[last])
+            self.seen_content |= self.has_content[last]
+            step = input_ids.shape[1] - self.prompt_width - 1
+            self.stop_step = torch.where(done & (self.stop_step < 0), step, self.stop_step)
+            return done
+
+    return NewlineAfterContent
+
+
+@contextlib.contextmanager
+def _quiet_generation():
+    """Silence transformers' advisory warnings about generation flags during our calls."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"transformers(\.|$)")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+class HFBackend(GenerationBackend):
+    """``AutoModelForCausalLM.generate`` in batches of prompts sorted longest first.
+
+    Longest-first sorting keeps padding low and shows an out-of-memory at the
+    first batch. Left padding, SDPA attention, bf16 on CUDA / fp32 on CPU for
+    ``dtype="auto"``. The checkpoint's own generation_config is replaced by a
+    neutral one (keeping its EOS ids), so only the arguments of ``generate``
+    decide how text is sampled.
+    """
+
+    name = "hf"
+
+    def __init__(self, path: str, *, batch_size: int = 16, max_model_len: int | None = None,
+                 dtype: str = "auto", seed: int = 0, device: str | None = None):
+        super().__init__()
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        self.batch_size = batch_size
+        self.max_model_len = max_model_len
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype == "auto":
+            torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            torch_dtype = getattr(torch, dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            if self.tokenizer.eos_token_id is None:
+                raise UserError(f"{path}: tokenizer has neither a pad nor an EOS token")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        with _quiet_generation():
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
+        self.model.to(self.device).eval()
+
+        self.eos_ids = self._eos_ids()
+        self.pad_id = self.tokenizer.pad_token_id
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.eos_ids, pad_token_id=self.pad_id
+        )
+        self.seed = seed
+        self._newline_table = None
+
+    def _eos_ids(self) -> list[int]:
+        # Chat models often end turns with a token other than the tokenizer's EOS
+        # (Llama-3: <|eot_id|>); the checkpoint's generation_config lists them all.
+        ids = []
+        for source in (getattr(self.model, "generation_config", None), self.model.config):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            ids.extend(value if isinstance(value, (list, tuple)) else [value])
+        ids.append(self.tokenizer.eos_token_id)
+        unique = []
+        for i in ids:
+            if i is not None and i not in unique:
+                unique.append(int(i))
+        if not unique:
+            raise UserError("the model defines no EOS token; cannot tell where an answer ends")
+        return unique
+
+    def _table(self):
+        if self._newline_table is None:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._newline_table = tuple(t.to(self.device) for t in newline_token_table(self.tokenizer, vocab))
+        return self._newline_table
+
+    def _generation_config(self, max_new_tokens: int, temperature: float, top_p: float):
+        from transformers import GenerationConfig
+
+        common = dict(
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
+            bos_token_id=self.tokenizer.bos_token_id,
+            num_beams=1,
+            repetition_penalty=1.0,
+        )
+        if temperature == 0:
+            return GenerationConfig(do_sample=False, **common)
+        # top_k=0 disables HF's default top-k of 50, matching vLLM (no top-k).
+        return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
+
+    def generate(self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
+                 stop_at_newline=False, desc="generating"):
+        import torch
+        from tqdm.auto import tqdm
+
+        self._check_sampling(max_new_tokens, temperature, top_p)
+        prompts = list(prompts)
+        start = time.perf_counter()
+        if not prompts:
+            self._record(0, 0.0, 0)
+            return []
+        token_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        if self.max_model_len is not None:
+            longest = max(range(len(prompts)), key=lambda i: len(token_ids[i]))
+            if len(token_ids[longest]) > self.max_model_len:
+                raise UserError(
+                    f"prompt {longest} has {len(token_ids[longest])} tokens, more than "
+                    f"--max_model_len {self.max_model_len}"
+                )
+        order = sorted(range(len(prompts)), key=lambda i: -len(token_ids[i]))
+        config = self._generation_config(max_new_tokens, temperature, top_p)
+
+        outputs: list[str | None] = [None] * len(prompts)
+        new_tokens = 0
+        devices = [self.device] if self.device.type == "cuda" else []
+        bar = tqdm(total=len(prompts), desc=desc, unit="prompt", dynamic_ncols=True)
+        try:
+            # fork_rng: seeding must not disturb the caller's global RNG stream.
+            with torch.random.fork_rng(devices=devices), torch.inference_mode(), _quiet_generation():
+                torch.manual_seed(seed)
+                for begin in range(0, len(order), self.batch_size):
+                    rows = order[begin : begin + self.batch_size]
+                    texts, count = self._generate_batch([token_ids[i] for i in rows], config, stop_at_newline)
+                    for i, text in zip(rows, texts):
+                        outputs[i] = text
+                    new_tokens += count
+                    bar.update(len(rows))
+        finally:
+            bar.close()
+        self._record(len(prompts), time.perf_counter() - start, new_tokens)
+        return outputs
+
+    def _generate_batch(self, batch_ids, config, stop_at_newline: bool):
+        import torch
+
+        width = max(len(ids) for ids in batch_ids)
+        input_ids = torch.full((len(batch_ids), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch_ids), width), dtype=torch.long)
+        for row, ids in enumerate(batch_ids):  # left padding: prompts end at the same column
+            if ids:
+                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                attention[row, width - len(ids) :] = 1
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        stopper = newline_stopper(self._table(), width) if stop_at_newline else None
+        try:
+            generated = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                generation_config=config,
+                stopping_criteria=_stopping_list(stopper),
+            )
+        except torch.OutOfMemoryError as err:
+            raise UserError(
+                f"out of memory generating {len(batch_ids)} prompts of up to {width} tokens; "
+                f"lower --batch_size (now {self.batch_size})"
+            ) from err
+        new = generated[:, width:]
+        lengths = self._valid_lengths(new, stopper)
+        texts = [
+            self.tokenizer.decode(new[row, : lengths[row]].tolist(), skip_special_tokens=True)
+            for row in range(new.shape[0])
+        ]
+        return texts, int(sum(lengths))
+
+    def _valid_lengths(self, new, stopper) -> list[int]:
+        """Generated tokens per row up to and including its EOS or newline stop.
+
+        Finished rows are filled with the pad token afterwards; cutting them here
+        keeps a pad token that is not "special" out of the text.
+        """
+        import torch
+
+        steps = new.shape[1]
+        is_eos = torch.isin(new, torch.tensor(self.eos_ids, device=new.device))
+        first_eos = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1) + 1, steps)
+        if stopper is not None and stopper.stop_step is not None:
+            stop = torch.where(stopper.stop_step >= 0, stopper.stop_step + 1, steps)
+            first_eos = torch.minimum(first_eos, stop)
+        return first_eos.tolist()
+
+    def close(self) -> None:
+        model = getattr(self, "model", None)
+        if model is None:
+            return
+        self.model = None
+        del model
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _stopping_list(stopper):
+    from transformers import StoppingCriteriaList
+
+    return StoppingCriteriaList([stopper]) if stopper is not None else None
+
+
+# --------------------------------------------------------------------------- vLLM
+
+
+def _visible_gpus() -> list[str]:
+    """Device ids this process may use, as CUDA_VISIBLE_DEVICES entries."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _request_seed(seed: int, index: int) -> int:
+    # One seed per prompt, from the call's seed and the prompt's index in the call,
+    # so outputs do not depend on how prompts are sharded over workers.
+    return (seed * 1_000_003 + index) % (2**31 - 1)
+
+
+def _run_vllm(llm, prompt_ids: list[list[int]], requests: list[dict], use_tqdm: bool) -> list[tuple]:
+    """``LLM.generate`` on token-id prompts with one SamplingParams per prompt.
+
+    Returns plain picklable tuples ``(text, token_ids, finish_reason, stop_reason)``.
+    """
+    from vllm import SamplingParams
+
+    # Token ids, not strings: vLLM would tokenize a string with special tokens
+    # added, doubling the BOS that the chat template already wrote.
+    prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+    params = [SamplingParams(**request) for request in requests]
+    results = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    rows = []
+    for result in results:
+        out = result.outputs[0]
+        rows.append((out.text, list(out.token_ids or ()), out.finish_reason, out.stop_reason))
+    return rows
+
+
+def _vllm_worker(conn, model: str, llm_kwargs: dict, devices: str) -> None:
+    """Data-parallel worker: owns one vLLM engine on ``devices``, serves generate requests."""
+    # Before importing vllm (and torch through it) so the engine only sees its GPUs.
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    try:
+        from vllm import LLM
+
+        llm = LLM(model=model, **llm_kwargs)
+        conn.send(("ready", None))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        conn.close()
+        return
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:  # the parent went away
+            break
+        if message[0] == "close":
+            break
+        try:
+            _, prompts, requests, use_tqdm = message
+            conn.send(("ok", _run_vllm(llm, prompts, requests, use_tqdm)))
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
+    conn.close()
+
+
+def _shards(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous [start, end) ranges covering n items, sizes differing by at most 1."""
+    size, extra = divmod(n, parts)
+    bounds, start = [], 0
+    for part in range(parts):
+        end = start + size + (1 if part < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _stop_workers(workers) -> None:
+    for process, conn in workers:
+        try:
+            conn.send(("close",))
+        except (OSError, ValueError):
+            pass
+    for process, conn in workers:
+        process.join(timeout=60)
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=10)
+        conn.close()
+    workers.clear()
+
+
+class VLLMBackend(GenerationBackend):
+    """vLLM, tensor parallel and/or data parallel; see ``make_backend``."""
+
+    name = "vllm"
+
+    def __init__(self, path: str, *, num_gpus: int | None = None, tensor_parallel_size: int | None = None,
+                 max_model_len: int | None = None, dtype: str = "auto", seed: int = 0,
+                 worker_timeout_s: float | None = None):
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        tp = tensor_parallel_size or 1
+        if tp < 1:
+            raise UserError(f"--tensor_parallel_size must be at least 1, got {tp}")
+        gpus = _visible_gpus()
+        if num_gpus is None:  # every visible GPU that fits into whole replicas
+            num_gpus = len(gpus) // tp * tp
+            if num_gpus == 0:
+                raise UserError(
+                    f"vLLM needs {tp} CUDA GPU(s); {len(gpus)} visible (use --backend hf or set --num_gpus)"
+                )
+        if num_gpus < 1:
+            raise UserError(f"--num_gpus must be at least 1, got {num_gpus}")
+        if num_gpus % tp:
+            raise UserError(
+                f"--num_gpus {num_gpus} is not a multiple of --tensor_parallel_size {tp}"
+            )
+        self.tensor_parallel_size = tp
+        self.data_parallel_size = num_gpus // tp
+        self.model_path = path
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.worker_timeout_s = worker_timeout_s
+        llm_kwargs = {"tensor_parallel_size": tp, "dtype": dtype, "seed": seed}
+        if max_model_len is not None:
+            llm_kwargs["max_model_len"] = max_model_len
+        self._llm = None
+        self._workers: list = []
+        if self.data_parallel_size == 1:
+            from vllm import LLM
+
+            self._llm = LLM(model=path, **llm_kwargs)
+        else:
+            if len(gpus) < num_gpus:
+                raise UserError(
+                    f"--num_gpus {num_gpus} but only {len(gpus)} GPU(s) visible "
+                    f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+                )
+            self._start_workers(path, llm_kwargs, gpus[:num_gpus])
+        # Stop worker processes even if the caller forgets close().
+        self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
+
+    def _start_workers(self, path: str, llm_kwargs: dict, gpus: list[str]) -> None:
+        import multiprocessing
+
+        # spawn, not fork: CUDA cannot be used in a forked child. Not daemonic:
+        # vLLM engines start processes of their own.
+        context = multiprocessing.get_context("spawn")
+        tp = self.tensor_parallel_size
+        for rank in range(self.data_parallel_size):
+            devices = ",".join(gpus[rank * tp : (rank + 1) * tp])
+            parent_conn, child_conn = context.Pipe()
+            process = context.Process(
+                target=_vllm_worker,
+                args=(child_conn, path, llm_kwargs, devices),
+                name=f"vllm-dp{rank}",
+                daemon=False,
+            )
+            process.start()
+            child_conn.close()
+            self._workers.append((process, parent_conn))
+        try:
+            for rank in range(len(self._workers)):
+                self._receive(rank, "starting vLLM")
+        except BaseException:
+            _stop_workers(self._workers)
+            raise
+
+    def _receive(self, rank: int, what: str):
+        """The next message of worker ``rank``; raise if it failed or died."""
+        process, conn = self._workers[rank]
+        waited = 0.0
+        while not conn.poll(1.0):
+            waited += 1.0
+            if not process.is_alive():
+                raise RuntimeError(
+                    f"vLLM worker {rank} exited (code {process.exitcode}) while {what}; see its log above"
+                )
+            if self.worker_timeout_s is not None and waited >= self.worker_timeout_s:
+                raise RuntimeError(f"vLLM worker {rank} gave no answer in {waited:.0f}s while {what}")
+        kind, payload = conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"vLLM worker {rank} failed while {what}:\n{payload}")
+        return payload
+
+    def _requests(self, n_prompts, *, max_tokens, temperature, top_p, seed, stop_at_newline):
+        sampling = temperature > 0
+        requests = []
+        for i in range(n_prompts):
+            request = {"temperature": float(temperature), "top_p": float(top_p) if sampling else 1.0,
+                       "max_tokens": int(max_tokens)}
+            if sampling:
+                request["seed"] = _request_seed(seed, i)
+            if stop_at_newline:
+                # Keep the newline in the text, as the hf backend does.
+                request["stop"] = [_NEWLINE]
+                request["include_stop_str_in_output"] = True
+            requests.append(request)
+        return requests
+
+    def _generate_raw(self, prompts: list[list[int]], requests: list[dict]) -> list[tuple]:
+        if self._llm is not None:
+            return _run_vllm(self._llm, prompts, requests, True)
+        if not self._workers:
+            raise RuntimeError("the vLLM backend is closed")
+        bounds = _shards(len(prompts), len(self._workers))
+        busy = []
+        for rank, (start, end) in enumerate(bounds):
+            if end > start:
+                # Shards are equal in size: one progress bar (worker 0's) stands for all.
+                message = ("generate", prompts[start:end], requests[start:end], rank == 0)
+                self._workers[rank][1].send(message)
+                busy.append(rank)
+        rows = []
+        try:
+            for rank in busy:
+                rows.extend(self._receive(rank, "generating"))
+        except BaseException:
+            # A worker's answers may still be in its pipe; the backend is unusable now.
+            self.close()
+            raise
+        return rows
+
+    def generate(self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
+                 stop_at_newline=False, desc="generating"):
+        self._check_sampling(max_new_tokens, temperature, top_p)
+        prompts = list(prompts)
+        start = time.perf_counter()
+        if not prompts:
+            self._record(0, 0.0, 0)
+            return []
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        requests = self._requests(len(prompts), max_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, seed=seed, stop_at_newline=stop_at_newline)
+        rows = self._generate_raw(prompt_ids, requests)
+        texts = [row[0] for row in rows]
+        new_tokens = sum(len(row[1]) for row in rows)
+        if stop_at_newline:
+            new_tokens += self._continue_after_leading_newlines(prompt_ids, requests, rows, texts)
+        self._record(len(prompts), time.perf_counter() - start, new_tokens)
+        return texts
+
+    def _continue_after_leading_newlines(self, prompt_ids, requests, rows, texts) -> int:
+        """vLLM's stop string also fires on a leading newline; resume those rows.
+
+        A row that stopped on "\\n" before any non-whitespace text is continued
+        from its prompt + generated tokens (exactly the tokens it produced, no
+        re-tokenization) with the tokens it has left, until it produces content,
+        ends, or runs out of tokens. Returns the extra tokens generated.
+        """
+        extra = 0
+        generated = [list(row[1]) for row in rows]
+        pending = [i for i, row in enumerate(rows) if _stopped_before_content(row)]
+        while True:
+            pending = [i for i in pending if len(generated[i]) < requests[i]["max_tokens"]]
+            if not pending:
+                return extra
+            batch = [dict(requests[i], max_tokens=requests[i]["max_tokens"] - len(generated[i])) for i in pending]
+            again = self._generate_raw([list(prompt_ids[i]) + generated[i] for i in pending], batch)
+            for i, row in zip(pending, again):
+                texts[i] += row[0]
+                generated[i] += row[1]
+                extra += len(row[1])
+            pending = [i for i, row in zip(pending, again) if _stopped_before_content(row)]
+
+    def close(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            del llm
+            import gc
+
+            gc.collect()
+        if self._workers:
+            _stop_workers(self._workers)
+
+
+def _stopped_before_content(row: tuple) -> bool:
+    text, _, finish_reason, stop_reason = row
+    return finish_reason == "stop" and stop_reason == _NEWLINE and not text.strip()

@@ -1,0 +1,88 @@
+"""Stage 2: advantageous/trivial position pairs from stage-1 answers.
+
+Walk the stage-1 records in order, keep those whose sampled answer is correct,
+stop after ``example_num``. Each kept example becomes ``position_sample_num``
+copies with the gold document at distinct trivial positions (sampled without
+replacement) plus ``strengthen`` anchor copies at the advantageous position;
+every copy reshuffles the distractors. The teacher side keeps the stage-1
+order (gold at the advantageous position).
+"""
+
+from collections import Counter
+
+from .errors import UserError
+from .metrics import score_prediction
+from .positions import example_rng, place_gold, shuffled
+from .records import Document
+
+REQUIRED_STAGE1_FIELDS = ("question", "answers", "gold_document", "distractors", "documents", "gold_idx", "oracle_answer")
+
+
+def dataset_dir_name(model: str, total_docs: int, k: int, strengthen: int, n: int) -> str:
+    """The reference name: {model}_{total}total_docs_filter_{K}random_{strengthen}strengthen_{N}."""
+    return f"{model}_{total_docs}total_docs_filter_{k}random_{strengthen}strengthen_{n}"
+
+
+def _check_record(record: dict, where: str, total_docs: int) -> None:
+    for key in REQUIRED_STAGE1_FIELDS:
+        if key not in record:
+            raise UserError(f"{where}: missing field '{key}' (is this a stage-1 output file?)")
+    if len(record["documents"]) != total_docs:
+        raise UserError(f"{where}: {len(record['documents'])} documents, expected --total_doc {total_docs}")
+
+
+def select_correct(records: list[tuple[str, dict]], example_num: int, total_docs: int) -> list[tuple[str, dict]]:
+    """The first ``example_num`` records whose oracle answer is correct (-1: all of them)."""
+    kept = []
+    for where, record in records:
+        _check_record(record, where, total_docs)
+        if score_prediction(record["oracle_answer"], record["answers"]):
+            kept.append((where, record))
+            if len(kept) == example_num:
+                break
+    if example_num >= 0 and len(kept) < example_num:
+        raise UserError(
+            f"only {len(kept)} of {len(records)} examples pass the filter (correct oracle answer); "
+            f"lower --example_num (asked for {example_num})"
+        )
+    return kept
+
+
+def build_rows(kept, total_docs: int, k: int, strengthen: int, seed: int) -> list[dict]:
+    positions = {record["gold_idx"] for _, record in kept}
+    if len(positions) > 1:
+        raise UserError(f"stage-1 records mix advantageous positions {sorted(positions)}; use one stage-1 file")
+    advantageous = positions.pop()
+    trivial = [p for p in range(total_docs) if p != advantageous]
+    if not 0 <= k <= len(trivial):
+        raise UserError(f"--position_sample_num {k} must be 0..{len(trivial)} for {total_docs} documents")
+    if strengthen < 0:
+        raise UserError(f"--strengthen must be >= 0, got {strengthen}")
+    rows = []
+    for _, record in kept:
+        example_id = record.get("example_id", len(rows))
+        rng = example_rng(seed, example_id, "pairs")
+        gold = Document.from_dict(record["gold_document"])
+        distractors = [Document.from_dict(d) for d in record["distractors"]]
+        copies = [(p, False) for p in rng.sample(trivial, k)] + [(advantageous, True)] * strengthen
+        for position, is_anchor in copies:
+            documents = place_gold(gold, shuffled(distractors, rng), position)
+            rows.append({
+                "example_id": example_id,
+                "question": record["question"],
+                "answers": list(record["answers"]),
+                "kind": record.get("kind", "qa"),
+                "instruction": record.get("instruction", ""),
+                "oracle_answer": record["oracle_answer"],
+                "documents": [d.to_dict() for d in documents],
+                "gold_idx": position,
+                "teacher_documents": record["documents"],
+                "teacher_gold_idx": advantageous,
+                "is_anchor": is_anchor,
+            })
+    return rows
+
+
+def position_counts(rows: list[dict], total_docs: int) -> dict[int, int]:
+    counts = Counter(row["gold_idx"] for row in rows)
+    return {p: counts.get(p, 0) for p in range(total_docs)}

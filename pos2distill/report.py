@@ -1,0 +1,132 @@
+"""Per-position accuracy summaries, confidence intervals, tables and plots."""
+
+import csv
+import io
+import json
+import math
+import os
+from collections import defaultdict
+
+from .jsonl import write_text_atomic
+
+
+def wilson_interval(correct: float, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion, in percent (stable at 0% and 100%)."""
+    if total == 0:
+        return (0.0, 0.0)
+    p = correct / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return (100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half))
+
+
+def summarize(records: list[dict], label: str, total_docs: int) -> dict:
+    """Accuracy per gold position (percent), its 95% CI, the average over positions and the gap."""
+    correct, count = defaultdict(float), defaultdict(int)
+    for record in records:
+        correct[record["gold_idx"]] += record["correct"]
+        count[record["gold_idx"]] += 1
+    positions = sorted(count)
+    accuracy = {p: 100.0 * correct[p] / count[p] for p in positions}
+    values = list(accuracy.values())
+    return {
+        "label": label,
+        "total_docs": total_docs,
+        "positions": positions,
+        "n": {p: count[p] for p in positions},
+        "accuracy": accuracy,
+        "ci95": {p: wilson_interval(correct[p], count[p]) for p in positions},
+        "average": sum(values) / len(values) if values else 0.0,
+        "gap": max(values) - min(values) if values else 0.0,
+    }
+
+
+def _columns(summaries: list[dict]) -> list[int]:
+    return sorted({p for s in summaries for p in s["positions"]})
+
+
+def table_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]]]:
+    positions = _columns(summaries)
+    header = ["model"] + [str(p) for p in positions] + ["avg", "gap"]
+    rows = []
+    for s in summaries:
+        cells = [f"{s['accuracy'][p]:.1f}" if p in s["accuracy"] else "" for p in positions]
+        rows.append([s["label"], *cells, f"{s['average']:.1f}", f"{s['gap']:.1f}"])
+    return header, rows
+
+
+def to_markdown(summaries: list[dict]) -> str:
+    header, rows = table_rows(summaries)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(summaries: list[dict]) -> str:
+    """One row per (model, position): accuracy with CI bounds, plus the model's average and gap."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["model", "total_docs", "position", "n", "accuracy", "ci95_low", "ci95_high", "average", "gap"])
+    for s in summaries:
+        for p in s["positions"]:
+            low, high = s["ci95"][p]
+            writer.writerow(
+                [s["label"], s["total_docs"], p, s["n"][p], f"{s['accuracy'][p]:.2f}", f"{low:.2f}", f"{high:.2f}",
+                 f"{s['average']:.2f}", f"{s['gap']:.2f}"]
+            )
+    return buffer.getvalue()
+
+
+def to_console(summaries: list[dict]) -> str:
+    header, rows = table_rows(summaries)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda row: "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    return "\n".join([fmt(header), *(fmt(r) for r in rows)])
+
+
+def write_summaries(summaries: list[dict], prefix: str) -> list[str]:
+    """Write ``prefix``.csv / .md / .json; return the paths."""
+    paths = [f"{prefix}.csv", f"{prefix}.md", f"{prefix}.json"]
+    write_text_atomic(paths[0], to_csv(summaries))
+    write_text_atomic(paths[1], to_markdown(summaries))
+    write_text_atomic(paths[2], json.dumps(summaries, indent=1))
+    return paths
+
+
+def load_summaries(path: str) -> list[dict]:
+    """Read a summary JSON (JSON turns integer position keys into strings; turn them back)."""
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    for s in data:
+        for key in ("n", "accuracy", "ci95"):
+            s[key] = {int(p): v for p, v in s[key].items()}
+    return data
+
+
+def plot_positions(summaries: list[dict], path: str, title: str = "") -> str:
+    """Accuracy vs gold position, one line (with 95% CI band) per model/checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for s in summaries:
+        xs = s["positions"]
+        ys = [s["accuracy"][p] for p in xs]
+        low = [s["ci95"][p][0] for p in xs]
+        high = [s["ci95"][p][1] for p in xs]
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{s['label']} (avg {s['average']:.1f}, gap {s['gap']:.1f})")
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.set_xlabel("position of the gold document (0 = first)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title or "accuracy by gold-document position")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    tmp = f"{path}.partial.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

