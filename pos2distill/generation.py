@@ -100,8 +100,9 @@ def make_backend(
 
     ``name``: ``hf``, ``vllm`` or ``auto`` (resolved with ``resolve_backend_name``).
 
-    HF: one device (the first CUDA GPU, else the CPU); ``batch_size`` prompts per
-    ``generate`` call; ``num_gpus`` and ``tensor_parallel_size`` must be at most 1.
+    HF: one device (the first CUDA GPU, else the CPU; ``num_gpus=0``: the CPU);
+    ``batch_size`` prompts per ``generate`` call. More GPUs are an error with
+    ``name="hf"`` and a warning when ``auto`` fell back to hf.
 
     vLLM: ``num_gpus`` GPUs in all (default: every visible GPU), split into
     ``num_gpus / tensor_parallel_size`` data-parallel replicas of
@@ -112,10 +113,11 @@ def make_backend(
     workers of 1 GPU; ``num_gpus=8, tensor_parallel_size=8`` -> one engine
     sharded over 8 GPUs (the reference setup); ``num_gpus=8,
     tensor_parallel_size=2`` -> 4 workers of 2 GPUs. ``batch_size`` is unused
-    (vLLM schedules its own batches). ``seed`` seeds the engine; per-call
-    sampling seeds come from ``generate(seed=...)``.
+    (vLLM schedules its own batches). ``seed`` seeds the vLLM engine (the hf
+    backend has nothing to seed at load); sampling is seeded per call by
+    ``generate(seed=...)``.
     """
-    name = resolve_backend_name(name)
+    requested, name = name, resolve_backend_name(name)
     dtype = _normalize_dtype(dtype)
     if batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {batch_size}")
@@ -124,11 +126,15 @@ def make_backend(
     path = resolve_model(model)
     if name == "hf":
         if (num_gpus or 0) > 1 or (tensor_parallel_size or 1) > 1:
-            raise UserError(
-                "the hf backend runs on one device; use --backend vllm for several GPUs "
-                "(or launch one process per GPU)"
-            )
-        return HFBackend(path, batch_size=batch_size, max_model_len=max_model_len, dtype=dtype, seed=seed)
+            if requested == "hf":
+                raise UserError(
+                    "the hf backend runs on one device; use --backend vllm for several GPUs "
+                    "(or launch one process per GPU)"
+                )
+            # auto fell back to hf: still correct, only slower, so go on.
+            warnings.warn(f"vLLM is not available; the hf backend uses one of the {num_gpus} GPUs", stacklevel=2)
+        device = "cpu" if num_gpus == 0 else None
+        return HFBackend(path, batch_size=batch_size, max_model_len=max_model_len, dtype=dtype, device=device)
     return VLLMBackend(
         path,
         num_gpus=num_gpus,
@@ -296,7 +302,7 @@ class HFBackend(GenerationBackend):
     name = "hf"
 
     def __init__(self, path: str, *, batch_size: int = 16, max_model_len: int | None = None,
-                 dtype: str = "auto", seed: int = 0, device: str | None = None):
+                 dtype: str = "auto", device: str | None = None):
         super().__init__()
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -314,8 +320,7 @@ class HFBackend(GenerationBackend):
             if self.tokenizer.eos_token_id is None:
                 raise UserError(f"{path}: tokenizer has neither a pad nor an EOS token")
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        with _quiet_generation():
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
         self.model.to(self.device).eval()
 
         self.eos_ids = self._eos_ids()
@@ -323,7 +328,6 @@ class HFBackend(GenerationBackend):
         self.model.generation_config = GenerationConfig(
             bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.eos_ids, pad_token_id=self.pad_id
         )
-        self.seed = seed
         self._newline_table = None
 
     def _eos_ids(self) -> list[int]:
@@ -432,10 +436,10 @@ class HFBackend(GenerationBackend):
             ) from err
         new = generated[:, width:]
         lengths = self._valid_lengths(new, stopper)
-        texts = [
-            self.tokenizer.decode(new[row, : lengths[row]].tolist(), skip_special_tokens=True)
-            for row in range(new.shape[0])
-        ]
+        rows = new.tolist()
+        texts = self.tokenizer.batch_decode(
+            [ids[:length] for ids, length in zip(rows, lengths)], skip_special_tokens=True
+        )
         return texts, int(sum(lengths))
 
     def _valid_lengths(self, new, stopper) -> list[int]:

@@ -164,6 +164,21 @@ def test_make_backend_rejects_bad_options(tiny_model):
         make_backend("onnx", tiny_model)
 
 
+def test_auto_falls_back_to_hf_on_one_device(tiny_model, monkeypatch):
+    monkeypatch.setattr(generation, "vllm_available", lambda: False)
+    with pytest.warns(UserWarning, match="uses one of the 4 GPUs"):
+        backend = make_backend("auto", tiny_model, num_gpus=4)
+    try:
+        assert backend.name == "hf"
+    finally:
+        backend.close()
+    backend = make_backend("hf", tiny_model, num_gpus=0)
+    try:
+        assert backend.device.type == "cpu"
+    finally:
+        backend.close()
+
+
 # --------------------------------------------------------------------------- hf backend
 
 
