@@ -60,15 +60,19 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     return _kl_from_log_probs(_log_probs(teacher_logits.detach(), temperature), _log_probs(student_logits, temperature))
 
 
+def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # where, not multiply: a non-finite value in a padding slot must not leak (NaN * 0 = NaN).
+    return torch.where(mask.bool(), values, torch.zeros_like(values))
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum(values * mask) / sum(mask), 0 when the mask is empty."""
-    total = (values * mask).sum()
-    return total / mask.sum().clamp_min(1.0)
+    """sum over masked entries / their count, 0 when the mask is empty."""
+    return _masked(values, mask).sum() / mask.float().sum().clamp_min(1.0)
 
 
 def sample_kl(tok_kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL_i = (1 / L_i) sum_t KL_{i,t}, the mean over sample i's response tokens (0 when L_i = 0)."""
-    return (tok_kl * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+    return _masked(tok_kl, mask).sum(-1) / mask.float().sum(-1).clamp_min(1.0)
 
 
 def kd_loss(tok_kl: torch.Tensor, mask: torch.Tensor, scale: float = 3.0, decay: float = 0.99) -> torch.Tensor:

@@ -4,7 +4,7 @@ Both backends take prompts that are already chat-templated strings, return
 one completion per prompt in input order (special tokens stripped), and
 record throughput in ``last_stats``.
 
-    backend = make_backend(resolve_backend_name(args.backend), args.model, num_gpus=...)
+    backend = make_backend(args.backend, args.model, num_gpus=args.num_gpus)
     try:
         outputs = backend.generate(prompts, max_new_tokens=100, temperature=0.0)
     finally:
@@ -20,7 +20,9 @@ some non-whitespace text. A leading newline never stops a row.
 
 Heavy imports (torch, transformers, vllm) happen inside functions: the vLLM
 data-parallel workers are spawned processes that import this module and must
-set ``CUDA_VISIBLE_DEVICES`` before anything touches CUDA.
+set ``CUDA_VISIBLE_DEVICES`` before anything touches CUDA. Being spawned, they
+also re-import the caller's main module: scripts need an
+``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ _DTYPES = {
     "fp32": "float32",
     "float": "float32",
 }
-# vLLM's stop string for stop_at_newline; see VLLMBackend.generate for the leading-newline case.
+# vLLM's stop string for stop_at_newline; see VLLMBackend._continue_after_leading_newlines.
 _NEWLINE = "\n"
 
 
@@ -112,7 +114,9 @@ def make_backend(
     given a contiguous shard of the prompts. Examples: ``num_gpus=8`` -> 8
     workers of 1 GPU; ``num_gpus=8, tensor_parallel_size=8`` -> one engine
     sharded over 8 GPUs (the reference setup); ``num_gpus=8,
-    tensor_parallel_size=2`` -> 4 workers of 2 GPUs. ``batch_size`` is unused
+    tensor_parallel_size=2`` -> 4 workers of 2 GPUs. ``max_model_len`` is
+    lowered to the model's ``max_position_embeddings`` when above it (vLLM
+    would refuse it); the hf backend only checks prompts against it. ``batch_size`` is unused
     (vLLM schedules its own batches). ``seed`` seeds the vLLM engine (the hf
     backend has nothing to seed at load); sampling is seeded per call by
     ``generate(seed=...)``.
@@ -489,6 +493,16 @@ def _visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+def _context_window(path: str) -> int | None:
+    """The model's ``max_position_embeddings``, if its config states one."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text_config, "max_position_embeddings", None)
+    return int(window) if window else None
+
+
 def _request_seed(seed: int, index: int) -> int:
     # One seed per prompt, from the call's seed and the prompt's index in the call,
     # so outputs do not depend on how prompts are sharded over workers.
@@ -602,7 +616,10 @@ class VLLMBackend(GenerationBackend):
         self.worker_timeout_s = worker_timeout_s
         llm_kwargs = {"tensor_parallel_size": tp, "dtype": dtype, "seed": seed}
         if max_model_len is not None:
-            llm_kwargs["max_model_len"] = max_model_len
+            # vLLM refuses a max_model_len above the model's window; callers pass
+            # "longest prompt + new tokens" limits that may exceed it.
+            window = _context_window(path)
+            llm_kwargs["max_model_len"] = min(max_model_len, window) if window else max_model_len
         self._llm = None
         self._workers: list = []
         if self.data_parallel_size == 1:

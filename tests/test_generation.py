@@ -64,7 +64,8 @@ def _sharpen(model) -> None:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         head = model.get_output_embeddings()
-        head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=generator))
+        weight = torch.randn(head.weight.shape, generator=generator)
+        head.weight = torch.nn.Parameter(weight.to(head.weight.device, head.weight.dtype))
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(30)
             layer.self_attn.k_proj.weight.mul_(30)
@@ -93,7 +94,7 @@ def _script(model, transitions: dict[int, int]) -> None:
 
 @pytest.fixture(scope="module")
 def sharp(tiny_model):
-    backend = make_backend("hf", tiny_model, batch_size=4)
+    backend = make_backend("hf", tiny_model, batch_size=4, num_gpus=0)
     _sharpen(backend.model)
     yield backend
     backend.close()
@@ -111,7 +112,7 @@ def scripted(tiny_model, tmp_path_factory):
         "bos_token_id": 1, "eos_token_id": [2, 7], "pad_token_id": 2,
     }
     (folder / "generation_config.json").write_text(json.dumps(noisy))
-    backend = make_backend("hf", str(folder), batch_size=4)
+    backend = make_backend("hf", str(folder), batch_size=4, num_gpus=0)
     tok = backend.tokenizer
     ids = {word: _single_token(tok, word) for word in ("\n", " Paris", " capital", " answer")}
     _script(backend.model, {
@@ -229,7 +230,7 @@ def test_hf_rejects_bad_arguments(sharp):
 
 
 def test_hf_max_model_len(tiny_model):
-    backend = make_backend("hf", tiny_model, max_model_len=8)
+    backend = make_backend("hf", tiny_model, max_model_len=8, num_gpus=0)
     try:
         with pytest.raises(UserError, match="more than --max_model_len 8"):
             backend.generate(["short", "a prompt that is clearly longer than eight tokens in all"], max_new_tokens=1)
@@ -400,6 +401,13 @@ def test_vllm_tensor_parallel(fake_vllm, tiny_model):
         (init,) = fake_vllm.events("init")
         assert init["pid"] == os.getpid() and init["kwargs"]["tensor_parallel_size"] == 4
         assert "max_model_len" not in init["kwargs"]  # vLLM's own default unless asked
+    finally:
+        backend.close()
+    fake_vllm.clear()
+    backend = make_backend("vllm", tiny_model, num_gpus=1, max_model_len=40_000)
+    try:
+        # above the tiny model's 8192-token window: vLLM would refuse it
+        assert fake_vllm.events("init")[0]["kwargs"]["max_model_len"] == 8192
     finally:
         backend.close()
 

@@ -1,0 +1,354 @@
+"""Stage 3 end to end on CPU: data pipeline, the deepspeed launcher with ZeRO-3, resume, step skipping."""
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "kd", "train_kd.py")
+RUN = "nqtiny_kd0.5_lm0.5_rank0.5_adaptive1.0_1.0"
+
+
+def make_pair_dataset(path, n_examples=3, copies=3, n_docs=5, seed=0, answers=None):
+    """A stage-2 style dataset: per example `copies` trivial rows plus one anchor (gold first)."""
+    from datasets import Dataset
+
+    from pos2distill.prompting import R1_INSTRUCTION
+
+    rng = random.Random(seed)
+    rows = []
+    for ex in range(n_examples):
+        gold = {"title": f"Gold {ex}", "text": f"The answer to question {ex} is value{ex}."}
+        distractors = [{"title": f"D{ex}-{j}", "text": f"Unrelated passage {j} on topic {ex}."} for j in range(n_docs - 1)]
+        answer = answers[ex] if answers else f"value{ex}\nA second line that is not part of the response."
+        for copy in range(copies + 1):
+            anchor = copy == copies
+            shuffled = distractors[:]
+            rng.shuffle(shuffled)
+            pos = 0 if anchor else rng.randrange(1, n_docs)
+            rows.append({
+                "example_id": ex, "question": f"What is question {ex}?", "answers": [f"value{ex}"], "kind": "qa",
+                "instruction": R1_INSTRUCTION, "oracle_answer": answer,
+                "documents": shuffled[:pos] + [gold] + shuffled[pos:], "gold_idx": pos,
+                "teacher_documents": [gold] + distractors, "teacher_gold_idx": 0, "is_anchor": anchor,
+            })
+    Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def deepspeed_cmd(num_procs):
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    if not os.path.exists(launcher):
+        launcher = shutil.which("deepspeed")
+    return [launcher, "--num_gpus", str(num_procs), "--master_port", str(free_port()), SCRIPT]
+
+
+def train_flags(model, data_root, out):
+    return [
+        "--dataset", "nqtiny", "--data_root", str(data_root), "--pretrain", model, "--teacher_model", model,
+        "--input_key", "question", "--output_key", "oracle_answer", "--max_len", "4096",
+        "--train_batch_size", "4", "--micro_train_batch_size", "1", "--max_samples", "12",
+        "--zero_stage", "3", "--max_epochs", "1", "--l2", "0.01", "--bf16", "--flash_attn",
+        "--kd_coef", "0.5,0.5,0.5,1.0", "--learning_rate", "1e-3", "--teacher_offload",
+        "--apply_chat_template", "--gradient_checkpointing", "--perserve", "1.0",
+        "--dataset_name", "nq", "--logging_steps", "1", "--eval_steps", "-1",
+        "--save_path", str(out / "save"), "--ckpt_path", str(out / "ckpt"), "--use_tensorboard", str(out / "tb"),
+    ]
+
+
+def run(cmd, cwd):
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def load_state(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+
+
+# --------------------------------------------------------------------------- data and imports
+
+
+def test_pair_dataset_response_prompts_and_collate(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    from kd.pair_dataset import PairDataset, load_pairs
+
+    path = make_pair_dataset(tmp_path / "d", n_examples=2, copies=2, answers=["  Paris\nmore", ""])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = load_pairs(path, "question", "oracle_answer")
+    data = PairDataset(rows, tokenizer, max_len=4096, apply_chat_template=True)
+    assert len(data) == 6 and data.dropped == 0 and data.empty_answers == 3
+    first = data[0]
+    response = tokenizer("Paris", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert first["response_len"] == len(response)
+    assert first["student_ids"][-len(response):] == response == first["teacher_ids"][-len(response):]
+    student_text = tokenizer.decode(first["student_ids"])
+    assert student_text.startswith("<|im_start|>") and "Question: What is question 0?" in student_text
+    assert data[3]["response_len"] == 1  # empty answer: EOS only
+    assert first["teacher_ids"] == data[1]["teacher_ids"] and first["student_ids"] != data[1]["student_ids"]
+
+    batch = data.collate_fn([data[0], data[3], data[1]])
+    assert batch["teacher_input_ids"].shape[0] == 2  # two distinct teacher inputs
+    assert batch["teacher_index"].tolist() == [0, 1, 0]
+    width = batch["labels"].shape[1]
+    assert width == len(response)
+    assert batch["response_mask"].tolist()[1] == [0.0] * (width - 1) + [1.0]
+    assert batch["labels"][0].tolist() == response
+    assert batch["student_attention_mask"][:, -1].tolist() == [1, 1, 1]  # left padded
+
+    short = PairDataset(rows, tokenizer, max_len=len(first["student_ids"]) - 1, apply_chat_template=True)
+    assert short.dropped > 0 and len(short) + short.dropped == 6
+
+
+def test_missing_dataset_and_columns_are_user_errors(tmp_path):
+    from datasets import Dataset
+
+    from kd.pair_dataset import load_pairs, resolve_dataset_path
+    from pos2distill.errors import UserError
+
+    with pytest.raises(UserError, match="no such folder"):
+        resolve_dataset_path("nope", str(tmp_path))
+    Dataset.from_list([{"question": "q"}]).save_to_disk(str(tmp_path / "bad"))
+    assert resolve_dataset_path("bad", str(tmp_path)) == str(tmp_path / "bad")
+    with pytest.raises(UserError, match="missing column"):
+        load_pairs(str(tmp_path / "bad"), "question", "oracle_answer")
+
+
+def test_openrlhf_imports_without_flash_attn():
+    import importlib.util
+
+    import kd.strategy  # noqa: F401  (imports OpenRLHF through the fallback)
+    import kd.trainer  # noqa: F401
+    from kd import flash_attn_fallback as fb
+    from transformers.utils import is_flash_attn_2_available
+
+    assert importlib.util.find_spec("flash_attn") is None
+    assert not any(name.split(".")[0] == "flash_attn" for name in sys.modules)
+    assert not is_flash_attn_2_available()
+    hidden = torch.arange(24.0).reshape(2, 4, 3)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
+    packed, indices, cu_seqlens, max_seqlen, _ = fb.unpad_input(hidden, mask)
+    assert packed.shape == (5, 3) and cu_seqlens.tolist() == [0, 3, 5] and max_seqlen == 3
+    assert torch.equal(fb.pad_input(packed, indices, 2, 4), hidden * mask[..., None])
+    assert fb.rearrange(hidden, "b s ... -> (b s) ...").shape == (8, 3)
+
+
+# --------------------------------------------------------------------------- CLI errors
+
+
+@pytest.mark.parametrize("coef", ["1,2,3", "1,2,3,4,5", "0,0,0,0", "1,-1,0,0", "a,b,c,d", "nan,0,0,1"])
+def test_bad_kd_coef_is_a_one_line_error(tmp_path, coef):
+    proc = subprocess.run([sys.executable, SCRIPT, "--dataset", "x", "--pretrain", "y", "--kd_coef", coef],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --kd_coef"), proc.stderr
+
+
+def test_bad_kd_coef_through_the_deepspeed_launcher(tmp_path):
+    code, output = run(deepspeed_cmd(1) + ["--dataset", "x", "--pretrain", "y", "--kd_coef", "1,2"], tmp_path)
+    assert code != 0
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --kd_coef must be four non-negative numbers a,b,c,d (kd,lm,rank,adaptive), got '1,2'"]
+    assert "Traceback" not in output
+
+
+# --------------------------------------------------------------------------- launcher runs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model):
+    """One 2-process ZeRO-3 run through the deepspeed launcher: 12 rows, batch 4 -> 3 optimizer steps."""
+    base = tmp_path_factory.mktemp("kd_e2e")
+    make_pair_dataset(base / "data" / "nqtiny")
+    out = base / "run"
+    flags = train_flags(tiny_model, base / "data", out) + ["--save_steps", "1", "--max_ckpt_num", "5"]
+    code, output = run(deepspeed_cmd(2) + flags, base)
+    return {"base": base, "out": out, "code": code, "output": output, "flags": flags}
+
+
+def test_train_exits_0_and_saves_a_loadable_changed_model(trained, tiny_model):
+    from transformers import AutoTokenizer
+
+    assert trained["code"] == 0, trained["output"][-5000:]
+    assert "using SDPA attention" in trained["output"]  # --flash_attn without flash-attn
+    folder = trained["out"] / "save" / RUN
+    assert (folder / "config.json").exists()
+    after, before = load_state(str(folder)), load_state(tiny_model)
+    assert after.keys() == before.keys()
+    assert all(torch.isfinite(t).all() for t in after.values())
+    changed = [name for name in before if not torch.allclose(before[name], after[name], atol=1e-6)]
+    assert len(changed) > len(before) // 2
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    assert tokenizer.chat_template
+    config = json.loads((folder / "kd_args.json").read_text())
+    assert config["kd_coef"] == [0.5, 0.5, 0.5, 1.0] and config["param_dtype"] == "fp32"
+
+
+def test_tensorboard_scalars(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert trained["code"] == 0, trained["output"][-3000:]
+    run_dir = trained["out"] / "tb" / "nq" / RUN
+    events = list(run_dir.glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for name in ("total", "kd", "lm", "rank", "adaptive", "lr", "skipped_steps"):
+        assert f"train/{name}" in tags
+    assert [e.step for e in acc.Scalars("train/total")] == [1, 2, 3]
+    assert [e.value for e in acc.Scalars("train/skipped_steps")] == [0, 0, 0]
+
+
+def test_resume_continues_the_same_data_order(trained, tiny_model):
+    assert trained["code"] == 0, trained["output"][-3000:]
+    base, out = trained["base"], trained["out"]
+    ckpt = base / "resume_ckpt"
+    shutil.copytree(out / "ckpt", ckpt)
+    assert {p.name for p in ckpt.iterdir() if p.is_dir()} == {"global_step1", "global_step2", "global_step3"}
+    shutil.rmtree(ckpt / "global_step2")
+    shutil.rmtree(ckpt / "global_step3")
+    (ckpt / "latest").write_text("global_step1")
+
+    flags = train_flags(tiny_model, base / "data", base / "resumed")
+    flags[flags.index("--ckpt_path") + 1] = str(ckpt)
+    code, output = run(deepspeed_cmd(2) + flags + ["--load_checkpoint"], base)
+    assert code == 0, output[-5000:]
+    assert "4 samples consumed" in output
+    resumed = load_state(str(base / "resumed" / "save" / RUN))
+    straight = load_state(str(out / "save" / RUN))
+    for name in straight:
+        assert torch.allclose(resumed[name], straight[name], atol=1e-6), name
+
+
+# --------------------------------------------------------------------------- non-finite steps
+
+
+def _single_process_env(port):
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def skip_worker(_, port, model, out_file):
+    """ZeRO-3 engine: an update vetoed with skip_next_update leaves weights and Adam state untouched."""
+    _single_process_env(port)
+    from kd.losses import response_logits
+    from kd.strategy import KDStrategy
+    from kd.train_kd import parse_args
+
+    args = parse_args(["--dataset", "x", "--pretrain", model, "--train_batch_size", "1",
+                       "--micro_train_batch_size", "1", "--learning_rate", "1e-2", "--l2", "0.1"])
+    strategy = KDStrategy(args)
+    strategy.setup_distributed()
+    actor = strategy.load_actor(model, strategy.get_ds_train_config(is_actor=True))
+    optim = strategy.create_optimizer(actor, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    actor, wrapped, _ = strategy.prepare((actor, optim, None))
+    engine = actor.model
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+
+    def step(poison):
+        loss = response_logits(engine, ids, torch.ones_like(ids), 2).float().logsumexp(-1).mean()
+        if poison:
+            loss = loss * float("nan")
+        engine.backward(loss)
+        strategy.skip_next_update(poison is not None)
+        engine.step()
+        strategy.skip_next_update(False)
+        return {k: v.clone() for k, v in engine._zero3_consolidated_16bit_state_dict().items()}
+
+    start = {k: v.clone() for k, v in engine._zero3_consolidated_16bit_state_dict().items()}
+    after_finite_skip = step(poison=False)  # finite gradients, update vetoed
+    adam_state_after_skip = len(optim.state)
+    after_nan_skip = step(poison=True)  # NaN gradients, update vetoed
+    after_update = step(poison=None)  # a normal step afterwards
+    torch.save({"start": start, "finite_skip": after_finite_skip, "nan_skip": after_nan_skip,
+                "update": after_update, "adam_state_after_skip": adam_state_after_skip}, out_file)
+    torch.distributed.destroy_process_group()
+
+
+def test_vetoed_update_changes_nothing_under_zero3(tmp_path, tiny_model):
+    out_file = str(tmp_path / "skip.pt")
+    mp.spawn(skip_worker, args=(free_port(), tiny_model, out_file), nprocs=1, join=True)
+    r = torch.load(out_file)
+    for name in r["start"]:
+        assert torch.equal(r["start"][name], r["finite_skip"][name]), name
+        assert torch.equal(r["start"][name], r["nan_skip"][name]), name
+        assert torch.isfinite(r["update"][name]).all(), name
+    assert r["adam_state_after_skip"] == 0
+    assert any(not torch.equal(r["start"][n], r["update"][n]) for n in r["start"])
+
+
+def nan_worker(_, port, argv, poison_micro_steps, out_file):
+    """Run train_kd.main in-process with the loss of some micro-steps replaced by NaN."""
+    _single_process_env(port)
+    from kd import trainer
+    from kd.train_kd import main
+    from pos2distill.errors import UserError
+
+    original = trainer.Pos2DistillTrainer.compute_losses
+    calls = []
+
+    def poisoned(self, batch):
+        losses = original(self, batch)
+        calls.append(1)
+        if poison_micro_steps is None or len(calls) in poison_micro_steps:
+            losses["total"] = losses["total"] * float("nan")
+        return losses
+
+    trainer.Pos2DistillTrainer.compute_losses = poisoned
+    try:
+        main(argv)
+        result = "ok"
+    except UserError as err:
+        result = f"error: {err}"
+    torch.save({"result": result}, out_file)
+
+
+def _nan_argv(model, data_root, out):
+    return ["--dataset", "nqtiny", "--data_root", str(data_root), "--pretrain", model,
+            "--train_batch_size", "2", "--micro_train_batch_size", "1", "--max_samples", "6",
+            "--zero_stage", "3", "--learning_rate", "1e-3", "--lr_warmup_ratio", "0",
+            "--save_path", str(out / "save"), "--use_tensorboard", str(out / "tb"), "--max_consecutive_skips", "2"]
+
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path, tiny_model):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make_pair_dataset(tmp_path / "data" / "nqtiny")
+    argv = _nan_argv(tiny_model, tmp_path / "data", tmp_path)
+    out_file = str(tmp_path / "nan.pt")
+    # micro-step 2 belongs to optimizer step 1 (2 micro-steps per step): only step 1 is skipped
+    mp.spawn(nan_worker, args=(free_port(), argv, (2,), out_file), nprocs=1, join=True)
+    assert torch.load(out_file)["result"] == "ok"
+    run_name = "nqtiny_kd0.0_lm0.0_rank0.0_adaptive1.0_1.0"
+    state = load_state(str(tmp_path / "save" / run_name))
+    assert all(torch.isfinite(t).all() for t in state.values())
+    acc = EventAccumulator(str(tmp_path / "tb" / run_name))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("train/skipped_steps")] == [1, 1, 1]
+
+
+def test_consecutive_non_finite_steps_abort(tmp_path, tiny_model):
+    make_pair_dataset(tmp_path / "data" / "nqtiny")
+    argv = _nan_argv(tiny_model, tmp_path / "data", tmp_path)
+    out_file = str(tmp_path / "nan.pt")
+    mp.spawn(nan_worker, args=(free_port(), argv, None, out_file), nprocs=1, join=True)
+    result = torch.load(out_file)["result"]
+    assert result.startswith("error: 2 optimizer steps in a row had a non-finite loss or gradient"), result
