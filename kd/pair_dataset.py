@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from pos2distill.errors import UserError
 from pos2distill.metrics import first_line
-from pos2distill.prompting import chat_prompt, user_message
+from pos2distill.prompting import R1_INSTRUCTION, chat_prompt, user_message
 from pos2distill.records import Document, Example
 
 PAIR_COLUMNS = ("kind", "instruction", "documents", "gold_idx", "teacher_documents", "is_anchor")
@@ -87,8 +87,10 @@ class PairDataset(Dataset):
         prompt_cache = {}
         for row in rows:
             example = _example(row, input_key)
-            teacher_ids = self._prompt_ids(example, row["teacher_documents"], row["instruction"], prompt_cache)
-            student_ids = self._prompt_ids(example, row["documents"], row["instruction"], prompt_cache)
+            # Stage 1 writes the instruction it used; records without one used the reference prompt.
+            instruction = row["instruction"] or R1_INSTRUCTION
+            teacher_ids = self._prompt_ids(example, row["teacher_documents"], instruction, prompt_cache)
+            student_ids = self._prompt_ids(example, row["documents"], instruction, prompt_cache)
             answer = first_line(str(row[output_key] or ""))
             if not answer:
                 self.empty_answers += 1

@@ -160,8 +160,12 @@ def train(args) -> None:
     from kd.strategy import KDStrategy
     from kd.trainer import Pos2DistillTrainer
     from openrlhf.utils import get_tokenizer
+    from pos2distill.models import resolve_model
 
     dataset_path = resolve_dataset_path(args.dataset, args.data_root)
+    # Folder, hub id, .gguf file or the embedded default, as in the other stages.
+    args.pretrain = resolve_model(args.pretrain)
+    args.teacher_model = resolve_model(args.teacher_model)
     strategy = KDStrategy(args)
     strategy.setup_distributed()
     strategy.print("config:")

@@ -15,10 +15,10 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then . .venv/bin/act
 
 MODEL=SmolLM2-135M-Instruct
 WORK=${WORK:-demo}
-TOTAL_DOC=${TOTAL_DOC:-5}
-STAGE1_NUM=${STAGE1_NUM:-96}
-EXAMPLE_NUM=${EXAMPLE_NUM:-16}
-EVAL_NUM=${EVAL_NUM:-40}
+TOTAL_DOC=${TOTAL_DOC:-3}
+STAGE1_NUM=${STAGE1_NUM:-48}
+EXAMPLE_NUM=${EXAMPLE_NUM:-8}
+EVAL_NUM=${EVAL_NUM:-24}
 NQ_ORACLE=${NQ_ORACLE:-../shared/data/nq-open-oracle.jsonl.gz}
 ORACLE_URL=https://github.com/nelson-liu/lost-in-the-middle/raw/main/qa_data/nq-open-oracle.jsonl.gz
 export TOKENIZERS_PARALLELISM=false
@@ -35,7 +35,7 @@ python prepare_data.py nq --oracle "$NQ_ORACLE" --total_doc "$TOTAL_DOC" --outpu
 
 echo "== stage 1: advantageous position and answers there"
 python gen_advantageous_pos_for_R1.py --input-path "$DATA" --model "$MODEL" --output-path "$WORK/raw_data" \
-    --dataset_name nq --total_doc "$TOTAL_DOC" --gold_doc auto --probe_num 40 --eval_holdout "$EVAL_NUM" \
+    --dataset_name nq --total_doc "$TOTAL_DOC" --gold_doc auto --probe_num 24 --eval_holdout "$EVAL_NUM" \
     --limit "$STAGE1_NUM" --max-new-tokens 32 --backend hf --batch_size 16
 
 echo "== stage 2: position pairs"

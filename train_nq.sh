@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Stage 3: Pos2Distill training (the README's command). Every variable can be overridden
+# from the environment, e.g.
+#   MODEL=Qwen/Qwen2.5-7B-Instruct NUM=400 KD_COEF=0.0,0.0,0.0,1.0 LR=3e-6 bash train_nq.sh
+# Extra arguments are passed on to kd/train_kd.py (e.g. --max_samples 100).
+# KD_COEF=a,b,c,d mixes total = a*kd + b*lm + c*rank + d*adaptive; 0,0,0,1 is Pos2Distill.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MODEL=${MODEL:-SmolLM2-135M-Instruct}            # folder, hub id, .gguf file or the embedded default
+TEACHER=${TEACHER:-$MODEL}
+MODEL_NAME=${MODEL_NAME:-$(basename "$MODEL" .gguf)}  # the name stage 2 put in the dataset's name
+DATASET_NAME=${DATASET_NAME:-nq}
+TOTAL_DOCS=${TOTAL_DOCS:-20}
+K=${K:-4}
+STRENGTHEN=${STRENGTHEN:-1}
+NUM=${NUM:-400}
+DATASET=${DATASET:-${MODEL_NAME}_${TOTAL_DOCS}total_docs_filter_${K}random_${STRENGTHEN}strengthen_${NUM}}
+DATA_ROOT=${DATA_ROOT:-data}
+SAVE_PATH=${SAVE_PATH:-checkpoints/${DATASET_NAME}}
+CKPT_PATH=${CKPT_PATH:-checkpoints/${DATASET_NAME}/_deepspeed_ckpt}   # for --save_steps N / --load_checkpoint
+TENSORBOARD=${TENSORBOARD:-tensorBoard}
+KD_COEF=${KD_COEF:-0.0,0.0,0.0,1.0}
+LR=${LR:-3e-6}
+PERSERVE=${PERSERVE:-1.0}
+TRAIN_BATCH=${TRAIN_BATCH:-32}
+MICRO_BATCH=${MICRO_BATCH:-4}
+MAX_LEN=${MAX_LEN:-32000}
+EPOCHS=${EPOCHS:-1}
+MASTER_PORT=${MASTER_PORT:-6666}
+NUM_GPUS=${NUM_GPUS:-}                           # empty: every visible GPU (one process on CPU)
+
+LAUNCH=(deepspeed --master_port "$MASTER_PORT")
+if [ -n "$NUM_GPUS" ]; then LAUNCH+=(--num_gpus "$NUM_GPUS"); fi
+
+"${LAUNCH[@]}" kd/train_kd.py \
+    --max_len "$MAX_LEN" \
+    --dataset "$DATASET" \
+    --data_root "$DATA_ROOT" \
+    --input_key question \
+    --output_key oracle_answer \
+    --train_batch_size "$TRAIN_BATCH" \
+    --micro_train_batch_size "$MICRO_BATCH" \
+    --max_samples 500000 \
+    --pretrain "$MODEL" \
+    --teacher_model "$TEACHER" \
+    --save_path "$SAVE_PATH" \
+    --ckpt_path "$CKPT_PATH" \
+    --save_steps -1 \
+    --logging_steps 1 \
+    --eval_steps -1 \
+    --zero_stage 3 \
+    --max_epochs "$EPOCHS" \
+    --l2 0.01 \
+    --bf16 \
+    --flash_attn \
+    --kd_coef "$KD_COEF" \
+    --learning_rate "$LR" \
+    --teacher_offload \
+    --apply_chat_template \
+    --gradient_checkpointing \
+    --perserve "$PERSERVE" \
+    --dataset_name "$DATASET_NAME" \
+    --use_tensorboard "$TENSORBOARD" \
+    "$@"
