@@ -17,13 +17,14 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
 def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int) -> torch.Tensor:
-    """Logits that predict the last ``width`` tokens of each left-padded row, ``[batch, width, vocab]``.
+    """Logits that predict the last ``width`` tokens of each row, ``[batch, width, vocab]``.
 
-    Rows are left-padded, so every row ends at position S-1 and its response occupies the
-    last L <= ``width`` positions. Token ``S - width + k`` is predicted by the output at
+    Every row ends at position S-1 (padding sits before the response and the last prompt
+    token, see ``kd.pair_dataset.pad_before_tail``), so a response of L <= ``width`` tokens
+    occupies the last L positions. Token ``S - width + k`` is predicted by the output at
     ``S - width + k - 1``: slot ``k`` of the result is the output at that earlier position.
     Only the last ``width + 1`` positions go through the LM head (``logits_to_keep``), never
-    the full ``[batch, seq, vocab]`` tensor.
+    the full ``[batch, seq, vocab]`` tensor. Position ids follow the attention mask.
     """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     output = model(

@@ -121,23 +121,28 @@ class PairDataset(Dataset):
         return self.items[idx]
 
     def collate_fn(self, items: list) -> dict:
-        """Left-pad student rows and the *distinct* teacher rows of a micro-batch.
+        """Pad student rows and the *distinct* teacher rows of a micro-batch (see :func:`pad_before_tail`).
 
-        Left padding ends every row at the last position, so the response of each row lies
-        in the last ``width = max response_len`` slots (right-aligned): ``labels`` and
-        ``response_mask`` are ``[batch, width]``. Copies of one example share a teacher
-        sequence; ``teacher_index[b]`` picks row b's teacher row, so the teacher runs once
-        per distinct input.
+        Every row ends at the last position, so the response of each row lies in the last
+        ``width = max response_len`` slots (right-aligned): ``labels`` and ``response_mask``
+        are ``[batch, width]``. Copies of one example share a teacher sequence;
+        ``teacher_index[b]`` picks row b's teacher row, so the teacher runs once per
+        distinct input.
         """
         width = max(item["response_len"] for item in items)
-        student_ids, student_mask = self._left_pad([item["student_ids"] for item in items])
+        tails = [item["response_len"] + 1 for item in items]
+        student_ids, student_mask = pad_before_tail([item["student_ids"] for item in items], tails, self.pad_token_id)
         distinct = {}
         teacher_index = [distinct.setdefault(tuple(item["teacher_ids"]), len(distinct)) for item in items]
-        teacher_ids, teacher_mask = self._left_pad([list(ids) for ids in distinct])
+        teacher_tails = [0] * len(distinct)
+        for item, row in zip(items, teacher_index):
+            teacher_tails[row] = item["response_len"] + 1
+        teacher_ids, teacher_mask = pad_before_tail([list(ids) for ids in distinct], teacher_tails, self.pad_token_id)
         slots = torch.arange(width)
         lengths = torch.tensor([item["response_len"] for item in items])
         response_mask = (slots[None, :] >= width - lengths[:, None]).float()
-        labels = torch.where(response_mask.bool(), student_ids[:, -width:], torch.full_like(student_ids[:, -width:], -100))
+        tail_ids = student_ids[:, -width:]
+        labels = torch.where(response_mask.bool(), tail_ids, torch.full_like(tail_ids, -100))
         return {
             "student_input_ids": student_ids,
             "student_attention_mask": student_mask,
@@ -150,11 +155,25 @@ class PairDataset(Dataset):
             "is_anchor": torch.tensor([item["is_anchor"] for item in items]),
         }
 
-    def _left_pad(self, sequences: list) -> tuple:
-        longest = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, longest - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, longest - len(seq):] = 1
-        return ids, mask
+
+def pad_before_tail(sequences: list, tails: list, pad_id: int) -> tuple:
+    """Pad each row to the longest by inserting pads *before its last ``tail`` tokens*.
+
+    A row becomes ``head + [pad] * n + tail`` (mask ``1..1 0..0 1..1``); with
+    ``tail = response length + 1`` the last prompt token stays next to the response and
+    every row ends at the last position, as with left padding, so the response-predicting
+    outputs are the same slots in every row. Unlike left padding, no query row is fully
+    masked: a pad attends to the head before it. (The cuDNN SDPA kernel returns NaN
+    gradients for fully masked rows in bf16 — measured on an H200 with torch 2.11.)
+    Positions come from the mask (``cumsum - 1``), so the gap does not shift RoPE.
+    """
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, (seq, tail) in enumerate(zip(sequences, tails)):
+        head = max(len(seq) - tail, 0)
+        ids[row, :head] = torch.tensor(seq[:head], dtype=torch.long)
+        mask[row, :head] = 1
+        ids[row, longest - (len(seq) - head):] = torch.tensor(seq[head:], dtype=torch.long)
+        mask[row, longest - (len(seq) - head):] = 1
+    return ids, mask

@@ -182,6 +182,7 @@ def train(args) -> None:
             f"teacher vocabulary ({teacher.model.config.vocab_size}) differs from the student's "
             f"({model.model.config.vocab_size}); the teacher must share the student's tokenizer"
         )
+    # The collate pads by itself; "left" is what the saved tokenizer should offer for generation.
     tokenizer = get_tokenizer(args.pretrain, model.model, "left", strategy, use_fast=not args.disable_fast_tokenizer)
 
     rows = load_pairs(dataset_path, args.input_key, args.output_key, args.max_samples)

@@ -242,14 +242,15 @@ def test_response_logits_takes_the_position_before_each_token():
 def test_response_logits_match_unpadded_full_forward(tiny_model):
     from transformers import AutoModelForCausalLM
 
+    from kd.pair_dataset import pad_before_tail
+
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
-    rows = [[5, 17, 99, 1000, 42, 7], [8, 300, 12, 9]]  # response lengths 3 and 2
-    lengths = [3, 2]
+    rows = [[5, 17, 99, 1000, 42, 7], [8, 300, 12, 9], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
+    lengths = [3, 2, 1]  # response lengths
     width = max(lengths)
-    longest = max(map(len, rows))
-    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+    ids, mask = pad_before_tail(rows, [n + 1 for n in lengths], pad_id=0)
+    assert mask[:, 0].all()  # no row starts with padding: no query row is fully masked
     with torch.no_grad():
         got = response_logits(model, ids, mask, width)
         for b, (row, n) in enumerate(zip(rows, lengths)):

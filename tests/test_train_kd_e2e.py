@@ -29,7 +29,8 @@ def make_pair_dataset(path, n_examples=3, copies=3, n_docs=5, seed=0, answers=No
     rng = random.Random(seed)
     rows = []
     for ex in range(n_examples):
-        gold = {"title": f"Gold {ex}", "text": f"The answer to question {ex} is value{ex}."}
+        # examples differ in length, so micro-batches that mix them need padding
+        gold = {"title": f"Gold {ex}", "text": f"The answer to question {ex} is value{ex}." + " Indeed." * ex}
         distractors = [{"title": f"D{ex}-{j}", "text": f"Unrelated passage {j} on topic {ex}."} for j in range(n_docs - 1)]
         answer = answers[ex] if answers else f"value{ex}\nA second line that is not part of the response."
         for copy in range(copies + 1):
@@ -113,7 +114,12 @@ def test_pair_dataset_response_prompts_and_collate(tmp_path, tiny_model):
     assert width == len(response)
     assert batch["response_mask"].tolist()[1] == [0.0] * (width - 1) + [1.0]
     assert batch["labels"][0].tolist() == response
-    assert batch["student_attention_mask"][:, -1].tolist() == [1, 1, 1]  # left padded
+    for b, item in enumerate((data[0], data[3], data[1])):
+        mask = batch["student_attention_mask"][b].bool()
+        assert batch["student_input_ids"][b][mask].tolist() == item["student_ids"]  # unpadding gives the row back
+        # pads sit inside, before the last prompt token and the response, never at the start
+        assert mask[0] and mask[-(item["response_len"] + 1):].all()
+    assert batch["teacher_attention_mask"][:, 0].all()
 
     short = PairDataset(rows, tokenizer, max_len=len(first["student_ids"]) - 1, apply_chat_template=True)
     assert short.dropped > 0 and len(short) + short.dropped == 6
@@ -264,7 +270,7 @@ def skip_worker(_, port, model, out_file):
     optim = strategy.create_optimizer(actor, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
     actor, wrapped, _ = strategy.prepare((actor, optim, None))
     engine = actor.model
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    ids = torch.tensor([[5, 6, 7, 8, 9]], device=strategy.device)
 
     def step(poison):
         loss = response_logits(engine, ids, torch.ones_like(ids), 2).float().logsumexp(-1).mean()
