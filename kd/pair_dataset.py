@@ -56,7 +56,9 @@ def _example(row: dict, input_key: str) -> Example:
     documents = _documents(row["documents"])
     gold_idx = int(row["gold_idx"])
     if not 0 <= gold_idx < len(documents):
-        raise UserError(f"row with {input_key}={row[input_key]!r}: gold_idx {gold_idx} outside its {len(documents)} documents")
+        raise UserError(
+            f"row with {input_key}={row[input_key]!r}: gold_idx {gold_idx} outside its {len(documents)} documents"
+        )
     return Example(
         question=str(row[input_key]),
         answers=list(row.get("answers") or []),

@@ -9,7 +9,6 @@ subclass overrides exactly those, following DeepSpeed's accelerator (``cuda`` on
 ``Actor`` does not offer.
 """
 
-import json
 import os
 import shutil
 import socket
@@ -169,7 +168,9 @@ class KDStrategy(DeepspeedStrategy):
             from deepspeed.ops.adam import FusedAdam as optimizer_class
         else:
             optimizer_class = torch.optim.AdamW
-        params = get_optimizer_grouped_parameters(model, kwargs["weight_decay"])
+        # Empty groups (e.g. no trainable norms under LoRA) would be dropped by DeepSpeed after
+        # the LR scheduler has counted them.
+        params = [group for group in get_optimizer_grouped_parameters(model, kwargs["weight_decay"]) if group["params"]]
         optimizer = skippable(optimizer_class)(params, **kwargs)
         self.skippable_optimizers.append(optimizer)
         return optimizer
@@ -234,9 +235,10 @@ class KDStrategy(DeepspeedStrategy):
 
         module = self._unwrap_model(model)
         engine = model.model if isinstance(model, Actor) else model
+        state_dict = None
         if self.stage == 3:
-            state_dict = engine._zero3_consolidated_16bit_state_dict()
-        else:
+            state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective; None off rank 0
+        elif self.is_rank_0():
             state_dict = {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
         if self.is_rank_0():
             os.makedirs(output_dir, exist_ok=True)
@@ -270,6 +272,3 @@ class KDStrategy(DeepspeedStrategy):
             oldest = folders.pop(0)
             shutil.rmtree(oldest, ignore_errors=True)
             self.print(f"deleted old checkpoint {oldest}")
-
-    def print_config(self, config: dict) -> None:
-        self.print(json.dumps(config, indent=2, sort_keys=True, default=str))

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 
 if __name__ == "__main__" and not __package__:
@@ -48,20 +49,20 @@ def run_name(dataset: str, kd_coef: tuple, perserve: float) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", required=True, help="stage-2 dataset folder (save_to_disk), or its name under --data_root")
+    data.add_argument("--dataset", required=True, help="stage-2 dataset folder, or its name under --data_root")
     data.add_argument("--data_root", default="data", help="where --dataset names are looked up")
     data.add_argument("--dataset_name", default=None, help="short name (nq, kv, ...): groups the TensorBoard runs")
     data.add_argument("--input_key", default="question", help="column with the question (KV: the key)")
     data.add_argument("--output_key", default="oracle_answer", help="column with the teacher's answer")
     data.add_argument("--max_samples", type=int, default=1000000, help="use at most this many rows")
-    data.add_argument("--max_len", type=int, default=32000, help="drop rows whose teacher or student sequence is longer")
-    data.add_argument("--apply_chat_template", action="store_true", help="wrap prompts with the tokenizer's chat template")
+    data.add_argument("--max_len", type=int, default=32000, help="drop longer teacher/student sequences")
+    data.add_argument("--apply_chat_template", action="store_true", help="use the tokenizer's chat template")
 
     kd = parser.add_argument_group("distillation")
     kd.add_argument("--pretrain", required=True, help="student model (folder or hub id)")
     kd.add_argument("--teacher_model", default=None, help="teacher model (default: --pretrain)")
-    kd.add_argument("--kd_coef", default="0.0,0.0,0.0,1.0", help="a,b,c,d: total = a*kd + b*lm + c*rank + d*adaptive")
-    kd.add_argument("--perserve", type=float, default=1.0, help="lambda: weight of the anchor samples in the adaptive loss")
+    kd.add_argument("--kd_coef", default="0.0,0.0,0.0,1.0", help="a,b,c,d: a*kd + b*lm + c*rank + d*adaptive")
+    kd.add_argument("--perserve", type=float, default=1.0, help="lambda: anchor weight in the adaptive loss")
     kd.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL losses")
     kd.add_argument("--rank_top_k", type=int, default=20, help="teacher top-k ids of the rank loss")
     kd.add_argument("--teacher_offload", action="store_true", help="ZeRO-3 parameter offload to CPU for the teacher")
@@ -103,13 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--target_modules", nargs="*", default="all-linear")
 
     ckpt = parser.add_argument_group("checkpoints and logs")
-    ckpt.add_argument("--save_path", default="checkpoints", help="the model is saved in SAVE_PATH/{dataset}_kd..._{perserve}")
+    ckpt.add_argument("--save_path", default="checkpoints", help="saves SAVE_PATH/{dataset}_kd..._{perserve}")
     ckpt.add_argument("--save_steps", type=int, default=-1, help="DeepSpeed checkpoint every N steps (-1: never)")
-    ckpt.add_argument("--ckpt_path", default="./ckpt/checkpoints_kd", help="DeepSpeed checkpoints (for --load_checkpoint)")
+    ckpt.add_argument("--ckpt_path", default="./ckpt/checkpoints_kd", help="DeepSpeed checkpoints, for resuming")
     ckpt.add_argument("--max_ckpt_num", type=int, default=3)
     ckpt.add_argument("--max_ckpt_mem", type=float, default=1e8, help="GiB")
     ckpt.add_argument("--load_checkpoint", action="store_true", help="resume from the latest checkpoint in --ckpt_path")
-    ckpt.add_argument("--save_hf_ckpt", action="store_true", help="also save a Hugging Face folder with each checkpoint")
+    ckpt.add_argument("--save_hf_ckpt", action="store_true", help="also save an HF folder per checkpoint")
     ckpt.add_argument("--disable_ds_ckpt", action="store_true")
     ckpt.add_argument("--logging_steps", type=int, default=1)
     ckpt.add_argument("--eval_steps", type=int, default=-1, help="accepted for compatibility; stage 3 has no eval set")
@@ -156,11 +157,14 @@ def attention_implementation(want_flash: bool, strategy) -> str:
 def train(args) -> None:
     from transformers import get_scheduler
 
+    from kd import flash_attn_fallback
     from kd.pair_dataset import PairDataset, load_pairs, resolve_dataset_path
     from kd.strategy import KDStrategy
     from kd.trainer import Pos2DistillTrainer
-    from openrlhf.utils import get_tokenizer
     from pos2distill.models import resolve_model
+
+    flash_attn_fallback.import_openrlhf()  # before the first openrlhf import
+    from openrlhf.utils import get_tokenizer
 
     dataset_path = resolve_dataset_path(args.dataset, args.data_root)
     # Folder, hub id, .gguf file or the embedded default, as in the other stages.
@@ -168,12 +172,12 @@ def train(args) -> None:
     args.teacher_model = resolve_model(args.teacher_model)
     strategy = KDStrategy(args)
     strategy.setup_distributed()
-    strategy.print("config:")
-    strategy.print_config(vars(args))
+    strategy.print("config: " + json.dumps(vars(args), indent=2, sort_keys=True, default=str))
 
     attn = attention_implementation(args.flash_attn, strategy)
     model = strategy.load_actor(args.pretrain, strategy.get_ds_train_config(is_actor=True), args.lora_rank, attn)
-    teacher = strategy.load_actor(args.teacher_model, strategy.get_ds_eval_config(offload=args.teacher_offload), 0, attn)
+    teacher_config = strategy.get_ds_eval_config(offload=args.teacher_offload)
+    teacher = strategy.load_actor(args.teacher_model, teacher_config, 0, attn)
     teacher._offload = args.teacher_offload  # read by strategy.prepare: ZeRO-3 param offload
     teacher.eval()
     teacher.requires_grad_(False)
@@ -215,9 +219,9 @@ def train(args) -> None:
     (model, optim, scheduler), teacher = strategy.prepare((model, optim, scheduler), teacher)
 
     consumed_samples, skipped_steps = 0, 0
-    if args.load_checkpoint:
-        if not os.path.isfile(os.path.join(args.ckpt_path, "latest")):
-            raise UserError(f"--load_checkpoint: no DeepSpeed checkpoint in {args.ckpt_path}")
+    if args.load_checkpoint and not os.path.isfile(os.path.join(args.ckpt_path, "latest")):
+        strategy.print(f"--load_checkpoint: no DeepSpeed checkpoint in {args.ckpt_path} yet, starting from scratch")
+    elif args.load_checkpoint:
         _, states = strategy.load_ckpt(model.model, args.ckpt_path)
         consumed_samples = states["consumed_samples"]
         skipped_steps = states.get("skipped_steps", 0)
@@ -226,10 +230,14 @@ def train(args) -> None:
     trainer = Pos2DistillTrainer(model, teacher, strategy, optim, dataloader, scheduler, tokenizer, args, skipped_steps)
     trainer.fit(args, consumed_samples, steps_per_epoch)
 
-    strategy.save_model(model, tokenizer, args.output_dir)
+    # Written under a temporary name and renamed: no half-written checkpoint under the final name.
+    partial = f"{args.output_dir}.partial"
+    strategy.save_model(model, tokenizer, partial)
     if strategy.is_rank_0():
-        with open(os.path.join(args.output_dir, "kd_args.json"), "w") as f:
+        with open(os.path.join(partial, "kd_args.json"), "w") as f:
             json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+        os.replace(partial, args.output_dir)
     strategy.print(f"saved {args.output_dir} ({trainer.skipped_steps} optimizer steps skipped)")
 
 

@@ -7,6 +7,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +33,8 @@ def make_pair_dataset(path, n_examples=3, copies=3, n_docs=5, seed=0, answers=No
     for ex in range(n_examples):
         # examples differ in length, so micro-batches that mix them need padding
         gold = {"title": f"Gold {ex}", "text": f"The answer to question {ex} is value{ex}." + " Indeed." * ex}
-        distractors = [{"title": f"D{ex}-{j}", "text": f"Unrelated passage {j} on topic {ex}."} for j in range(n_docs - 1)]
+        distractors = [{"title": f"D{ex}-{j}", "text": f"Unrelated passage {j} on topic {ex}."}
+                       for j in range(n_docs - 1)]
         answer = answers[ex] if answers else f"value{ex}\nA second line that is not part of the response."
         for copy in range(copies + 1):
             anchor = copy == copies
@@ -142,10 +145,11 @@ def test_missing_dataset_and_columns_are_user_errors(tmp_path):
 def test_openrlhf_imports_without_flash_attn():
     import importlib.util
 
+    from transformers.utils import is_flash_attn_2_available
+
     import kd.strategy  # noqa: F401  (imports OpenRLHF through the fallback)
     import kd.trainer  # noqa: F401
     from kd import flash_attn_fallback as fb
-    from transformers.utils import is_flash_attn_2_available
 
     assert importlib.util.find_spec("flash_attn") is None
     assert not any(name.split(".")[0] == "flash_attn" for name in sys.modules)
@@ -182,14 +186,16 @@ def test_bad_kd_coef_through_the_deepspeed_launcher(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model):
+def trained(tiny_model):
     """One ZeRO-3 run through the deepspeed launcher (2 processes on CPU): 12 rows, batch 4 -> 3 optimizer steps."""
-    base = tmp_path_factory.mktemp("kd_e2e")
-    make_pair_dataset(base / "data" / "nqtiny")
-    out = base / "run"
-    flags = train_flags(tiny_model, base / "data", out) + ["--save_steps", "1", "--max_ckpt_num", "5"]
-    code, output = run(deepspeed_cmd(PROCS) + flags, base)
-    return {"base": base, "out": out, "code": code, "output": output, "flags": flags}
+    # Its own folder, not pytest's tmp_path: pytest may prune those while another pytest run starts.
+    with tempfile.TemporaryDirectory(prefix="kd_e2e_") as folder:
+        base = Path(folder)
+        make_pair_dataset(base / "data" / "nqtiny")
+        out = base / "run"
+        flags = train_flags(tiny_model, base / "data", out) + ["--save_steps", "1", "--max_ckpt_num", "5"]
+        code, output = run(deepspeed_cmd(PROCS) + flags, base)
+        yield {"base": base, "out": out, "code": code, "output": output, "flags": flags}
 
 
 def test_train_exits_0_and_saves_a_loadable_changed_model(trained, tiny_model):
