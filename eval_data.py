@@ -11,7 +11,6 @@ overlays all models given.
 import argparse
 import os
 import sys
-import time
 
 from pos2distill.cli_args import add_model_flags, dataset_name_from_path
 from pos2distill.errors import UserError, run_cli
@@ -64,21 +63,21 @@ def evaluate_model(args, model_arg, label, examples, example_ids, positions, dat
     backend = make_backend(args.backend, path, num_gpus=args.num_gpus, batch_size=args.batch_size,
                            max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed)
     print(f"== {label}: {len(examples)} examples x {len(positions)} positions, backend {backend.name}")
-    started = time.perf_counter()
     output = ChunkedOutput(predictions_path, config)
-    evaluate_positions(
+    _, stats = evaluate_positions(
         backend, examples, example_ids, positions, seed=args.seed, max_new_tokens=args.max_new_tokens,
         max_prompt_length=args.max_prompt_length, instruction=resolve_instruction(args.instruction),
         stop_at_newline=not args.no_stop_at_newline, output=output,
     )
     records = output.finalize(len(positions))
     backend.close()
-    seconds = time.perf_counter() - started
     summary = summarize(records, label, args.total_doc)
-    summary.update({"model": path, "seconds": round(seconds, 1), "prompts_per_s": round(len(records) / seconds, 2)})
+    rate = stats["generated"] / stats["seconds"] if stats["generated"] else None
+    summary.update({"model": path, "generated_prompts": stats["generated"], "generation_seconds": round(stats["seconds"], 1),
+                    "prompts_per_s": round(rate, 2) if rate else None})
     write_summaries([summary], os.path.join(out_dir, f"summary_{args.total_doc}docs"))
-    print(f"{label}: {len(records)} prompts in {seconds:.1f} s ({len(records) / seconds:.1f} prompts/s); "
-          f"predictions in {predictions_path}")
+    done = f"{stats['generated']} prompts generated in {stats['seconds']:.1f} s ({rate:.1f} prompts/s)" if rate else "all resumed"
+    print(f"{label}: {len(records)} predictions ({done}); predictions in {predictions_path}")
     return summary
 
 

@@ -42,6 +42,9 @@ def parse_args(argv):
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top_p", type=float, default=0.95)
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    parser.add_argument("--full_answers", action="store_true",
+                        help="sample up to --max-new-tokens; by default sampling stops at the end of the first "
+                             "line, the only part that is scored and trained on")
     parser.add_argument("--chunk_size", type=int, default=256, help="examples per resumable chunk")
     parser.add_argument("--probe_num", type=int, default=100, help="--gold_doc auto: held-out examples to probe")
     parser.add_argument("--probe_positions", default="all", help="--gold_doc auto: positions to probe")
@@ -65,7 +68,7 @@ def choose_advantageous_position(args, backend, examples, instruction) -> tuple[
     ids = list(probe_slice(len(examples), args.probe_num, args.eval_holdout))
     positions = parse_positions(args.probe_positions, args.total_doc)
     print(f"== --gold_doc auto: greedy accuracy at {len(positions)} positions on examples {ids[0]}..{ids[-1]}")
-    records = evaluate_positions(
+    records, _ = evaluate_positions(
         backend, [examples[i] for i in ids], ids, positions, seed=args.seed, max_new_tokens=args.max_new_tokens,
         max_prompt_length=args.max_prompt_length, instruction=instruction,
     )
@@ -122,7 +125,7 @@ def main(argv):
         "stage": 1, "input": os.path.abspath(args.input_path), "model": model_path, "total_doc": args.total_doc,
         "gold_doc": position, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
         "max_new_tokens": args.max_new_tokens, "instruction": instruction, "limit": args.limit,
-        "chunk_size": args.chunk_size,
+        "chunk_size": args.chunk_size, "full_answers": args.full_answers,
     }
     output = ChunkedOutput(path, config)
     chunks = [range(s, min(s + args.chunk_size, len(todo))) for s in range(0, len(todo), args.chunk_size)]
@@ -136,7 +139,8 @@ def main(argv):
         check_prompt_lengths(backend, [it.prompt for it in items], args.max_prompt_length, f"chunk {index}")
         answers = backend.generate(
             [it.prompt for it in items], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed * 100003 + index, desc=f"chunk {index + 1}/{len(chunks)}",
+            top_p=args.top_p, seed=args.seed * 100003 + index, stop_at_newline=not args.full_answers,
+            desc=f"chunk {index + 1}/{len(chunks)}",
         )
         output.write_chunk(index, [stage1_record(it, a, instruction, name) for it, a in zip(items, answers)])
         generated += len(items)

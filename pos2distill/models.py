@@ -9,6 +9,7 @@ safetensors folder under the cache directory and reused from there.
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 
 from .errors import UserError
@@ -77,7 +78,7 @@ def convert_gguf(gguf_path: str, out_dir: str, tokenizer_only: bool = False) -> 
 def _gguf_cache_folder(gguf_path: str, suffix: str = "") -> str:
     stat = os.stat(gguf_path)
     key = hashlib.sha1(f"{os.path.abspath(gguf_path)}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
-    stem = os.path.basename(gguf_path).split(".")[0]
+    stem = gguf_stem(gguf_path)
     return os.path.join(cache_dir(), "models", f"{stem}-{key}{suffix}")
 
 
@@ -122,9 +123,18 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path  # a hub id such as Qwen/Qwen2.5-7B-Instruct
 
 
+# quantization tags at the end of GGUF file names: .Q4_1, .Q8_0, .IQ3_M, .f16, .bf16, ...
+_GGUF_QUANT_SUFFIX = re.compile(r"[.-](I?Q\d\w*|[Bb]?[Ff]16|[Ff]32)$")
+
+
+def gguf_stem(path: str) -> str:
+    """Qwen2.5-Coder-0.5B-Instruct.Q8_0.gguf -> Qwen2.5-Coder-0.5B-Instruct (dots in names kept)."""
+    base = os.path.basename(path)
+    base = base[: -len(".gguf")] if base.endswith(".gguf") else base
+    return _GGUF_QUANT_SUFFIX.sub("", base)
+
+
 def model_name(name_or_path: str) -> str:
     """Short name used in output file names (last path component, no GGUF suffix)."""
     base = os.path.basename(os.path.normpath(name_or_path))
-    if base.endswith(".gguf"):
-        base = base.split(".")[0]
-    return base
+    return gguf_stem(base) if base.endswith(".gguf") else base

@@ -80,9 +80,13 @@ def evaluate_positions(
     stop_at_newline: bool = True,
     output: ChunkedOutput | None = None,
     log=print,
-) -> list[dict]:
-    """Greedy answers at each position; one chunk per position when ``output`` resumes work."""
-    records = []
+) -> tuple[list[dict], dict]:
+    """Greedy answers at each position; one chunk per position when ``output`` resumes work.
+
+    Returns the records and ``{"generated": prompts answered in this call, "seconds": their time}``
+    (resumed positions are not counted, so throughput stays honest).
+    """
+    records, stats = [], {"generated": 0, "seconds": 0.0}
     for chunk, position in enumerate(positions):
         if output is not None and output.done(chunk):
             records.extend(output.read_chunk(chunk))
@@ -100,10 +104,12 @@ def evaluate_positions(
             desc=f"position {position}",
         )
         seconds = time.perf_counter() - started
+        stats["generated"] += len(items)
+        stats["seconds"] += seconds
         chunk_records = [prediction_record(it, p) for it, p in zip(items, predictions)]
         if output is not None:
             output.write_chunk(chunk, chunk_records)
         records.extend(chunk_records)
         accuracy = 100.0 * sum(r["correct"] for r in chunk_records) / max(len(chunk_records), 1)
         log(f"position {position:>3}: accuracy {accuracy:5.1f}  ({len(items)} prompts, {len(items) / seconds:.1f} prompts/s)")
-    return records
+    return records, stats

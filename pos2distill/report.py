@@ -119,6 +119,9 @@ def plot_positions(summaries: list[dict], path: str, title: str = "") -> str:
         high = [s["ci95"][p][1] for p in xs]
         (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{s['label']} (avg {s['average']:.1f}, gap {s['gap']:.1f})")
         ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("position of the gold document (0 = first)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "accuracy by gold-document position")

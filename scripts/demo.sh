@@ -43,9 +43,19 @@ python create_datasets.py --model_name "$MODEL" --dataset_name nq --total_doc "$
     --raw_data_dir "$WORK/raw_data" --output_dir "$WORK/data" \
     --position_sample_num 2 --strengthen 1 --example_num "$EXAMPLE_NUM"
 
-echo "== stage 4: accuracy at every position"
-python eval_data.py --input-path "$DATA" --model "$MODEL" --dataset_name nq --output-path "$WORK/evaluate" \
-    --total_doc "$TOTAL_DOC" --sample_num "$EVAL_NUM" --max-new-tokens 32 --backend hf --batch_size 16 \
-    --train_dataset "$WORK/data"/*_"$EXAMPLE_NUM"
+DATASET="${MODEL}_${TOTAL_DOC}total_docs_filter_2random_1strengthen_${EXAMPLE_NUM}"
+RUN="${DATASET}_kd0.0_lm0.0_rank0.0_adaptive1.0_1.0"
+
+echo "== stage 3: a short Pos2Distill training (DeepSpeed ZeRO-3 on CPU, gloo)"
+rm -rf "$WORK/checkpoints/nq/$RUN"
+MODEL="$MODEL" DATASET="$DATASET" DATA_ROOT="$WORK/data" SAVE_PATH="$WORK/checkpoints/nq" \
+    CKPT_PATH="$WORK/checkpoints/nq/_deepspeed_ckpt" TENSORBOARD="$WORK/tensorboard" NUM_GPUS=1 \
+    KD_COEF=0.0,0.0,0.0,1.0 LR=${LR:-2e-5} TRAIN_BATCH=8 MICRO_BATCH=2 MAX_LEN=2048 MASTER_PORT=${MASTER_PORT:-29517} \
+    bash train_nq.sh
+
+echo "== stage 4: accuracy at every position, base vs trained"
+python eval_data.py --input-path "$DATA" --model "$MODEL" "$WORK/checkpoints/nq/$RUN" --label base pos2distill \
+    --dataset_name nq --output-path "$WORK/evaluate" --total_doc "$TOTAL_DOC" --sample_num "$EVAL_NUM" \
+    --max-new-tokens 32 --backend hf --batch_size 16 --train_dataset "$WORK/data/$DATASET"
 
 echo "== demo finished in $(( $(date +%s) - start )) s; outputs under $WORK/"

@@ -1,0 +1,42 @@
+"""Overlay saved stage-4 summaries (JSON) in one accuracy-vs-position plot and table.
+
+    python plot_positions.py evaluate/nq/base/summary_20docs.json \\
+        evaluate/nq/trained/summary_20docs.json --output compare.png --label base trained
+"""
+
+import argparse
+import os
+import sys
+
+from pos2distill.errors import UserError, run_cli
+from pos2distill.report import load_summaries, plot_positions, to_console, write_summaries
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("summaries", nargs="+", help="summary JSON files written by eval_data.py")
+    parser.add_argument("--output", required=True, help="PNG path; tables go next to it (.csv, .md, .json)")
+    parser.add_argument("--label", nargs="*", default=None, help="new labels, one per summary")
+    parser.add_argument("--title", default="")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    summaries = []
+    for path in args.summaries:
+        if not os.path.exists(path):
+            raise UserError(f"{path}: no such file")
+        summaries.extend(load_summaries(path))
+    if args.label:
+        if len(args.label) != len(summaries):
+            raise UserError(f"--label gives {len(args.label)} labels for {len(summaries)} summaries")
+        for summary, label in zip(summaries, args.label):
+            summary["label"] = label
+    prefix = args.output[: -len(".png")] if args.output.endswith(".png") else args.output
+    write_summaries(summaries, prefix)
+    plot_positions(summaries, prefix + ".png", title=args.title)
+    print(to_console(summaries))
+    print(f"wrote {prefix}.png (+ .csv, .md, .json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
