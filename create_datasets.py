@@ -16,7 +16,7 @@ import shutil
 import sys
 
 from pos2distill.errors import UserError, run_cli
-from pos2distill.jsonl import iter_jsonl, write_text_atomic
+from pos2distill.jsonl import iter_jsonl, remove_stale_temporaries, replace_dir, temporary_name, write_text_atomic
 from pos2distill.pairs import build_rows, dataset_dir_name, position_counts, select_correct
 
 
@@ -54,13 +54,15 @@ def save_dataset(rows: list[dict], path: str) -> None:
 
     fingerprint = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
     dataset = Dataset(pa.Table.from_pylist(rows), fingerprint=fingerprint)
-    tmp, old = f"{path}.{os.getpid()}.partial", f"{path}.{os.getpid()}.old"
+    remove_stale_temporaries(path)
+    tmp = temporary_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
-    dataset.save_to_disk(tmp)
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        dataset.save_to_disk(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, path)
 
 
 def main(argv):

@@ -12,16 +12,15 @@ import argparse
 import os
 import sys
 
-from pos2distill.cli_args import add_model_flags, dataset_name_from_path
+from pos2distill.cli_args import add_model_flags, check_model_flags, dataset_name_from_path, require_at_least
 from pos2distill.errors import UserError, run_cli
 from pos2distill.formats import load_examples
 from pos2distill.generation import make_backend
 from pos2distill.models import model_name, resolve_model
 from pos2distill.position_eval import evaluate_positions
 from pos2distill.positions import parse_positions
-from pos2distill.prompting import resolve_instruction
 from pos2distill.report import plot_positions, summarize, to_console, write_summaries
-from pos2distill.resumable import ChunkedOutput
+from pos2distill.resumable import ChunkedOutput, file_identity
 from pos2distill.training_questions import training_questions
 
 
@@ -51,30 +50,35 @@ def warn_training_overlap(train_dataset: str, examples) -> None:
         print(f"no overlap between the evaluated questions and {train_dataset}")
 
 
-def evaluate_model(args, model_arg, label, examples, example_ids, positions, dataset):
-    path = resolve_model(model_arg)
+def evaluate_model(args, model_path, label, examples, example_ids, positions, dataset, backend_name, instruction):
     out_dir = os.path.join(args.output_path, dataset, label)
     predictions_path = os.path.join(out_dir, f"predictions_{args.total_doc}docs.jsonl.gz")
+    # Everything that changes the predictions; any change starts the chunks (one per position) over.
     config = {
-        "stage": "eval", "model": path, "input": os.path.abspath(args.input_path), "total_doc": args.total_doc,
-        "sample_num": args.sample_num, "positions": positions, "seed": args.seed, "instruction": args.instruction,
+        "stage": "eval", "model": model_path, "input": file_identity(args.input_path), "total_doc": args.total_doc,
+        "sample_num": args.sample_num, "positions": positions, "seed": args.seed, "instruction": instruction,
         "max_new_tokens": args.max_new_tokens, "stop_at_newline": not args.no_stop_at_newline,
+        "backend": backend_name, "batch_size": args.batch_size,
     }
-    backend = make_backend(args.backend, path, num_gpus=args.num_gpus, batch_size=args.batch_size,
-                           max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed)
-    print(f"== {label}: {len(examples)} examples x {len(positions)} positions, backend {backend.name}")
     output = ChunkedOutput(predictions_path, config)
-    _, stats = evaluate_positions(
-        backend, examples, example_ids, positions, seed=args.seed, max_new_tokens=args.max_new_tokens,
-        max_prompt_length=args.max_prompt_length, instruction=resolve_instruction(args.instruction),
-        stop_at_newline=not args.no_stop_at_newline, output=output,
-    )
+    stats = {"generated": 0, "seconds": 0.0}
+    if output.complete:
+        print(f"== {label}: {predictions_path} is already complete with these arguments; reusing it")
+    else:
+        with make_backend(args.backend, model_path, num_gpus=args.num_gpus, batch_size=args.batch_size,
+                          max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed,
+                          need_chat_template=True) as backend:
+            print(f"== {label}: {len(examples)} examples x {len(positions)} positions, backend {backend.name}")
+            _, stats = evaluate_positions(
+                backend, examples, example_ids, positions, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                max_prompt_length=args.max_prompt_length, instruction=instruction,
+                stop_at_newline=not args.no_stop_at_newline, output=output,
+            )
     records = output.finalize(len(positions))
-    backend.close()
     summary = summarize(records, label, args.total_doc)
     rate = stats["generated"] / stats["seconds"] if stats["generated"] else None
-    summary.update({"model": path, "generated_prompts": stats["generated"], "generation_seconds": round(stats["seconds"], 1),
-                    "prompts_per_s": round(rate, 2) if rate else None})
+    summary.update({"model": model_path, "generated_prompts": stats["generated"],
+                    "generation_seconds": round(stats["seconds"], 1), "prompts_per_s": round(rate, 2) if rate else None})
     write_summaries([summary], os.path.join(out_dir, f"summary_{args.total_doc}docs"))
     done = f"{stats['generated']} prompts generated in {stats['seconds']:.1f} s ({rate:.1f} prompts/s)" if rate else "all resumed"
     print(f"{label}: {len(records)} predictions ({done}); predictions in {predictions_path}")
@@ -83,10 +87,19 @@ def evaluate_model(args, model_arg, label, examples, example_ids, positions, dat
 
 def main(argv):
     args = parse_args(argv)
+    # Flags first: a typo must not surface after the first model's evaluation.
+    backend_name, instruction = check_model_flags(args)
+    require_at_least(args, {"--total_doc": 1})
+    if args.sample_num == 0 or args.sample_num < -1:
+        raise UserError(f"--sample_num must be -1 (all) or at least 1, got {args.sample_num}")
+    positions = parse_positions(args.positions, args.total_doc, "--positions")
     models = args.model
     labels = args.label or [model_name(m) for m in models]
     if len(labels) != len(models):
         raise UserError(f"--label gives {len(labels)} labels for {len(models)} models")
+    if len(set(labels)) != len(labels):
+        raise UserError(f"--label: labels must differ (they name the output folders; pass --label), got {labels}")
+    model_paths = [resolve_model(m) for m in models]
     dataset = args.dataset_name or dataset_name_from_path(args.input_path)
     examples = load_examples(args.input_path, total_doc=args.total_doc)
     if not examples:
@@ -94,12 +107,11 @@ def main(argv):
     first = 0 if args.sample_num < 0 else max(0, len(examples) - args.sample_num)
     example_ids = list(range(first, len(examples)))
     examples = examples[first:]
-    positions = parse_positions(args.positions, args.total_doc)
     if args.train_dataset:
         warn_training_overlap(args.train_dataset, examples)
     summaries = [
-        evaluate_model(args, model_arg, label, examples, example_ids, positions, dataset)
-        for model_arg, label in zip(models, labels)
+        evaluate_model(args, path, label, examples, example_ids, positions, dataset, backend_name, instruction)
+        for path, label in zip(model_paths, labels)
     ]
     out_dir = os.path.join(args.output_path, dataset)
     prefix = os.path.join(out_dir, f"positions_{args.total_doc}docs_" + "_vs_".join(labels))

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from pos2distill.cli_args import add_model_flags, dataset_name_from_path
+from pos2distill.cli_args import add_model_flags, check_model_flags, dataset_name_from_path, require_at_least
 from pos2distill.errors import UserError, run_cli
 from pos2distill.formats import example_to_raw, load_examples
 from pos2distill.generation import make_backend
@@ -26,9 +26,8 @@ from pos2distill.metrics import score_prediction
 from pos2distill.models import model_name, resolve_model
 from pos2distill.position_eval import check_prompt_lengths, evaluate_positions, prompt_examples
 from pos2distill.positions import parse_position, parse_positions
-from pos2distill.prompting import resolve_instruction
 from pos2distill.report import summarize, to_console
-from pos2distill.resumable import ChunkedOutput
+from pos2distill.resumable import ChunkedOutput, file_identity
 
 
 def parse_args(argv):
@@ -66,7 +65,7 @@ def probe_slice(num_examples: int, probe_num: int, holdout: int) -> range:
 
 def choose_advantageous_position(args, backend, examples, instruction) -> tuple[int, dict]:
     ids = list(probe_slice(len(examples), args.probe_num, args.eval_holdout))
-    positions = parse_positions(args.probe_positions, args.total_doc)
+    positions = parse_positions(args.probe_positions, args.total_doc, "--probe_positions")
     print(f"== --gold_doc auto: greedy accuracy at {len(positions)} positions on examples {ids[0]}..{ids[-1]}")
     records, _ = evaluate_positions(
         backend, [examples[i] for i in ids], ids, positions, seed=args.seed, max_new_tokens=args.max_new_tokens,
@@ -103,50 +102,73 @@ def stage1_record(item, answer: str, instruction: str, model: str) -> dict:
 
 def main(argv):
     args = parse_args(argv)
-    instruction = resolve_instruction(args.instruction)
+    # Flags first: a typo must not cost a model load or a long probe.
+    backend_name, instruction = check_model_flags(args)
+    require_at_least(args, {"--total_doc": 1, "--limit": 1, "--chunk_size": 1, "--probe_num": 1, "--eval_holdout": 0})
+    auto = args.gold_doc.strip().lower() == "auto"
+    if auto:
+        parse_positions(args.probe_positions, args.total_doc, "--probe_positions")
+        position = None
+    else:
+        position = parse_position(args.gold_doc, args.total_doc, "--gold_doc")
     dataset = args.dataset_name or dataset_name_from_path(args.input_path)
     examples = load_examples(args.input_path, total_doc=args.total_doc)
     if not examples:
         raise UserError(f"{args.input_path}: no examples")
     model_path = resolve_model(args.model)
     name = model_name(args.model)
-    backend = make_backend(args.backend, model_path, num_gpus=args.num_gpus, batch_size=args.batch_size,
-                           max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed)
 
-    probe = None
-    if args.gold_doc.strip().lower() == "auto":
-        position, probe = choose_advantageous_position(args, backend, examples, instruction)
-    else:
-        position = parse_position(args.gold_doc, args.total_doc)
+    backend = None
 
-    todo = examples[: args.limit] if args.limit else examples
-    path = output_file(args, dataset, name, position)
-    config = {
-        "stage": 1, "input": os.path.abspath(args.input_path), "model": model_path, "total_doc": args.total_doc,
-        "gold_doc": position, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-        "max_new_tokens": args.max_new_tokens, "instruction": instruction, "limit": args.limit,
-        "chunk_size": args.chunk_size, "full_answers": args.full_answers,
-    }
-    output = ChunkedOutput(path, config)
-    chunks = [range(s, min(s + args.chunk_size, len(todo))) for s in range(0, len(todo), args.chunk_size)]
-    print(f"== stage 1: {len(todo)} examples, gold at position {position} of {args.total_doc}, "
-          f"backend {backend.name}, {len(chunks)} chunks -> {path}")
-    started, generated = time.perf_counter(), 0
-    for index, ids in enumerate(chunks):
-        if output.done(index):
-            continue
-        items = prompt_examples(backend.tokenizer, [todo[i] for i in ids], list(ids), position, args.seed, instruction)
-        check_prompt_lengths(backend, [it.prompt for it in items], args.max_prompt_length, f"chunk {index}")
-        answers = backend.generate(
-            [it.prompt for it in items], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed * 100003 + index, stop_at_newline=not args.full_answers,
-            desc=f"chunk {index + 1}/{len(chunks)}",
-        )
-        output.write_chunk(index, [stage1_record(it, a, instruction, name) for it, a in zip(items, answers)])
-        generated += len(items)
-    seconds = time.perf_counter() - started
+    def get_backend():
+        nonlocal backend
+        if backend is None:
+            backend = make_backend(args.backend, model_path, num_gpus=args.num_gpus, batch_size=args.batch_size,
+                                   max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed,
+                                   need_chat_template=True)
+        return backend
+
+    try:
+        probe = None
+        if auto:
+            position, probe = choose_advantageous_position(args, get_backend(), examples, instruction)
+        todo = examples[: args.limit] if args.limit else examples
+        path = output_file(args, dataset, name, position)
+        # Everything that changes the records; any change starts the chunks over.
+        config = {
+            "stage": 1, "input": file_identity(args.input_path), "model": model_path, "total_doc": args.total_doc,
+            "gold_doc": position, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens, "instruction": instruction, "limit": args.limit,
+            "chunk_size": args.chunk_size, "full_answers": args.full_answers, "backend": backend_name,
+            "batch_size": args.batch_size,
+        }
+        output = ChunkedOutput(path, config)
+        reused = output.complete
+        chunks = [range(s, min(s + args.chunk_size, len(todo))) for s in range(0, len(todo), args.chunk_size)]
+        if output.complete:
+            print(f"== stage 1: {path} is already complete with these arguments; reusing it (delete it to recompute)")
+        else:
+            print(f"== stage 1: {len(todo)} examples, gold at position {position} of {args.total_doc}, "
+                  f"backend {get_backend().name}, {len(chunks)} chunks -> {path}")
+        started, generated = time.perf_counter(), 0
+        for index, ids in enumerate(chunks):
+            if output.done(index):
+                continue
+            items = prompt_examples(backend.tokenizer, [todo[i] for i in ids], list(ids), position, args.seed,
+                                    instruction)
+            check_prompt_lengths(backend, [it.prompt for it in items], args.max_prompt_length, f"chunk {index}")
+            answers = backend.generate(
+                [it.prompt for it in items], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, seed=args.seed * 100003 + index, stop_at_newline=not args.full_answers,
+                desc=f"chunk {index + 1}/{len(chunks)}",
+            )
+            output.write_chunk(index, [stage1_record(it, a, instruction, name) for it, a in zip(items, answers)])
+            generated += len(items)
+        seconds = time.perf_counter() - started
+    finally:
+        if backend is not None:  # vLLM worker processes must not outlive an error
+            backend.close()
     records = output.finalize(len(chunks))
-    backend.close()
 
     accuracy = 100.0 * sum(r["oracle_correct"] for r in records) / len(records)
     stats = {
@@ -154,8 +176,9 @@ def main(argv):
         "generated_now": generated, "seconds": round(seconds, 1),
         "prompts_per_s": round(generated / seconds, 2) if generated else None, "config": config, "probe": probe,
     }
-    write_text_atomic(path[: -len(".jsonl.gz")] + ".summary.json" if path.endswith(".jsonl.gz") else path + ".summary.json",
-                      json.dumps(stats, indent=1, default=str))
+    summary_path = path[: -len(".jsonl.gz")] + ".summary.json" if path.endswith(".jsonl.gz") else path + ".summary.json"
+    if not (reused and os.path.exists(summary_path)):  # keep the throughput of the run that did the work
+        write_text_atomic(summary_path, json.dumps(stats, indent=1, default=str))
     rate = f", {generated / seconds:.1f} prompts/s" if generated else ""
     print(f"accuracy at position {position}: {accuracy:.1f}% of {len(records)} ({seconds:.1f} s{rate})")
     print(f"wrote {path}")

@@ -22,6 +22,7 @@ from deepspeed.accelerator import get_accelerator
 from torch.distributed.device_mesh import init_device_mesh
 
 from pos2distill.errors import UserError
+from pos2distill.jsonl import write_text_atomic
 
 from . import flash_attn_fallback
 
@@ -251,24 +252,48 @@ class KDStrategy(DeepspeedStrategy):
         self.barrier()
 
     def save_ckpt(self, model, save_dir, tag=None, max_num=3, max_mem=1000, client_state={}, save_latest=True):
-        """DeepSpeed checkpoint under ``save_dir/tag``; rank 0 first drops the oldest beyond
-        ``max_num`` folders or ``max_mem`` GiB."""
+        """DeepSpeed checkpoint under ``save_dir/tag``, then rank 0 drops the oldest beyond
+        ``max_num`` folders or ``max_mem`` GiB.
+
+        ``latest`` is written (atomically) only after every rank has finished its files, and
+        old checkpoints are deleted only after that: a run killed at any moment leaves
+        ``latest`` naming a complete checkpoint. (DeepSpeed itself writes ``latest`` from
+        rank 0 before the other ranks are known to be done.)
+        """
+        tag = tag or f"global_step{model.global_steps}"  # DeepSpeed's own default, needed for 'latest'
         if self.is_rank_0():
             os.makedirs(save_dir, exist_ok=True)
-            self._rotate_checkpoints(save_dir, max_num, max_mem)
         self.barrier()
-        model.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest)
+        model.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+        self.barrier()
+        if self.is_rank_0():
+            if save_latest:
+                write_text_atomic(os.path.join(save_dir, "latest"), str(tag))
+            self._rotate_checkpoints(save_dir, max_num, max_mem, keep=str(tag))
         self.barrier()
 
-    def _rotate_checkpoints(self, save_dir: str, max_num: int, max_mem: float) -> None:
+    def load_ckpt(self, model, load_dir, tag=None, **kwargs):
+        """DeepSpeed's ``load_checkpoint``; a checkpoint it cannot find is a one-line error."""
+        load_path, states = model.load_checkpoint(load_dir, tag, **kwargs)
+        if load_path is None:
+            raise UserError(
+                f"--load_checkpoint: no loadable DeepSpeed checkpoint in {load_dir} "
+                f"(its 'latest' file names a missing folder?)"
+            )
+        return load_path, states
+
+    def _rotate_checkpoints(self, save_dir: str, max_num: int, max_mem: float, keep: str) -> None:
         def size(folder):
             return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
 
         folders = sorted(
-            (os.path.join(save_dir, d) for d in os.listdir(save_dir) if os.path.isdir(os.path.join(save_dir, d))),
+            (os.path.join(save_dir, d) for d in os.listdir(save_dir)
+             if os.path.isdir(os.path.join(save_dir, d)) and d != keep),
             key=os.path.getmtime,
         )
-        while folders and (len(folders) >= max_num or sum(map(size, folders)) > max_mem * 1024**3):
+        # The newest checkpoint (``keep``) counts towards the limits but is never deleted.
+        keep_size = size(os.path.join(save_dir, keep))
+        while folders and (len(folders) + 1 > max_num or sum(map(size, folders)) + keep_size > max_mem * 1024**3):
             oldest = folders.pop(0)
             shutil.rmtree(oldest, ignore_errors=True)
             self.print(f"deleted old checkpoint {oldest}")

@@ -19,6 +19,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pos2distill.errors import UserError, run_cli
+from pos2distill.jsonl import replace_dir, write_text_atomic
 
 LOSS_FLAGS = ("kd", "lm", "rank", "adaptive")
 
@@ -154,22 +155,69 @@ def attention_implementation(want_flash: bool, strategy) -> str:
     return "sdpa"
 
 
-def train(args) -> None:
-    from transformers import get_scheduler
+def load_training_data(args):
+    """Models resolved, the stage-2 dataset tokenized and filtered by --max_len.
 
-    from kd import flash_attn_fallback
+    Runs before DeepSpeed is imported or a model is loaded: bad data or paths fail in
+    seconds with a one-line error.
+    """
     from kd.pair_dataset import PairDataset, load_pairs, resolve_dataset_path
-    from kd.strategy import KDStrategy
-    from kd.trainer import Pos2DistillTrainer
-    from pos2distill.models import resolve_model
-
-    flash_attn_fallback.import_openrlhf()  # before the first openrlhf import
-    from openrlhf.utils import get_tokenizer
+    from pos2distill.models import load_tokenizer, resolve_model
 
     dataset_path = resolve_dataset_path(args.dataset, args.data_root)
     # Folder, hub id, .gguf file or the embedded default, as in the other stages.
     args.pretrain = resolve_model(args.pretrain)
     args.teacher_model = resolve_model(args.teacher_model)
+    # The same loading as OpenRLHF's get_tokenizer, which runs again once the model is there.
+    tokenizer = load_tokenizer(args.pretrain, trust_remote_code=True, use_fast=not args.disable_fast_tokenizer)
+    rows = load_pairs(dataset_path, args.input_key, args.output_key, args.max_samples)
+    if len(rows) == 0:
+        raise UserError(f"{dataset_path}: the dataset has no rows")
+    dataset = PairDataset(rows, tokenizer, args.max_len, args.input_key, args.output_key, args.apply_chat_template)
+    if len(dataset) == 0:
+        raise UserError(
+            f"{dataset_path}: no rows left after --max_len {args.max_len} filtering "
+            f"(all {dataset.dropped} rows are longer); raise --max_len"
+        )
+    if len(dataset) < args.train_batch_size:
+        raise UserError(
+            f"{dataset_path}: {len(dataset)} usable rows ({dataset.dropped} dropped by --max_len {args.max_len}) "
+            f"are fewer than --train_batch_size {args.train_batch_size}"
+        )
+    return dataset_path, rows, dataset
+
+
+def data_order(args, dataset_path: str, usable_rows: int, world_size: int) -> dict:
+    """What decides which rows each optimizer step sees; a resumed run must match it."""
+    return {"dataset": os.path.abspath(dataset_path), "usable_rows": usable_rows, "seed": args.seed,
+            "train_batch_size": args.train_batch_size, "micro_train_batch_size": args.micro_train_batch_size,
+            "processes": world_size}
+
+
+def check_data_order(saved, current: dict, ckpt_path: str) -> None:
+    """A checkpoint from a run with other data or batching would resume at the wrong rows."""
+    if saved is None:  # a checkpoint written before the order was recorded
+        return
+    changed = [f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in current if saved.get(key) != current[key]]
+    if changed:
+        raise UserError(
+            f"--load_checkpoint: {ckpt_path} was saved by a run with another data order ({'; '.join(changed)}); "
+            f"resume with the same flags and processes, or use another --ckpt_path"
+        )
+
+
+def train(args) -> None:
+    dataset_path, rows, dataset = load_training_data(args)
+
+    from transformers import get_scheduler
+
+    from kd import flash_attn_fallback
+    from kd.strategy import KDStrategy
+    from kd.trainer import Pos2DistillTrainer
+
+    flash_attn_fallback.import_openrlhf()  # before the first openrlhf import
+    from openrlhf.utils import get_tokenizer
+
     strategy = KDStrategy(args)
     strategy.setup_distributed()
     strategy.print("config: " + json.dumps(vars(args), indent=2, sort_keys=True, default=str))
@@ -189,15 +237,11 @@ def train(args) -> None:
     # The collate pads by itself; "left" is what the saved tokenizer should offer for generation.
     tokenizer = get_tokenizer(args.pretrain, model.model, "left", strategy, use_fast=not args.disable_fast_tokenizer)
 
-    rows = load_pairs(dataset_path, args.input_key, args.output_key, args.max_samples)
-    dataset = PairDataset(rows, tokenizer, args.max_len, args.input_key, args.output_key, args.apply_chat_template)
     strategy.print(
         f"{dataset_path}: {len(dataset)} of {len(rows)} rows used; {dataset.dropped} dropped as longer than "
         f"--max_len {args.max_len}; {dataset.empty_answers} with an empty first answer line (response = EOS)"
     )
-    steps_per_epoch = len(dataset) // args.train_batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(dataset)} usable rows are fewer than --train_batch_size {args.train_batch_size}")
+    steps_per_epoch = len(dataset) // args.train_batch_size  # at least 1: checked in load_training_data
     dataloader = strategy.setup_dataloader(
         dataset, args.micro_train_batch_size, strategy.use_cuda, True, dataset.collate_fn
     )
@@ -219,10 +263,13 @@ def train(args) -> None:
     (model, optim, scheduler), teacher = strategy.prepare((model, optim, scheduler), teacher)
 
     consumed_samples, skipped_steps = 0, 0
+    # Saved with every DeepSpeed checkpoint (client state) and compared on resume.
+    args.data_order = data_order(args, dataset_path, len(dataset), strategy.world_size)
     if args.load_checkpoint and not os.path.isfile(os.path.join(args.ckpt_path, "latest")):
         strategy.print(f"--load_checkpoint: no DeepSpeed checkpoint in {args.ckpt_path} yet, starting from scratch")
     elif args.load_checkpoint:
         _, states = strategy.load_ckpt(model.model, args.ckpt_path)
+        check_data_order(states.get("data_order"), args.data_order, args.ckpt_path)
         consumed_samples = states["consumed_samples"]
         skipped_steps = states.get("skipped_steps", 0)
         strategy.print(f"resumed from {args.ckpt_path}: {consumed_samples} samples consumed")
@@ -232,12 +279,12 @@ def train(args) -> None:
 
     # Written under a temporary name and renamed: no half-written checkpoint under the final name.
     partial = f"{args.output_dir}.partial"
+    if strategy.is_rank_0():  # only rank 0 writes the folder; drop what a killed run left
+        shutil.rmtree(partial, ignore_errors=True)
     strategy.save_model(model, tokenizer, partial)
     if strategy.is_rank_0():
-        with open(os.path.join(partial, "kd_args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
-        shutil.rmtree(args.output_dir, ignore_errors=True)
-        os.replace(partial, args.output_dir)
+        write_text_atomic(os.path.join(partial, "kd_args.json"), json.dumps(vars(args), indent=2, sort_keys=True, default=str))
+        replace_dir(partial, args.output_dir)
     strategy.print(f"saved {args.output_dir} ({trainer.skipped_steps} optimizer steps skipped)")
 
 

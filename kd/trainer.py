@@ -148,7 +148,7 @@ class Pos2DistillTrainer(KDTrainer):
                 step_bar.set_postfix({k: logs[k] for k in ("total", *LOSS_NAMES, "lr") if k in logs})
                 step_bar.update()
                 client_states = {"consumed_samples": global_step * args.train_batch_size,
-                                 "skipped_steps": self.skipped_steps}
+                                 "skipped_steps": self.skipped_steps, "data_order": getattr(args, "data_order", None)}
                 self.save_logs_and_checkpoints(args, global_step, step_bar, logs, client_states)
                 if consecutive_skips >= self.max_consecutive_skips:
                     self._close_loggers()

@@ -27,3 +27,25 @@ def dataset_name_from_path(path: str) -> str:
 
     base = os.path.basename(path)
     return re.split(r"[-_.]", base, maxsplit=1)[0] or "data"
+
+
+def require_at_least(args: argparse.Namespace, minimums: dict) -> None:
+    """``{"--chunk_size": 1, "--max-new-tokens": 1}``: each flag, when given, must be at least its minimum."""
+    from .errors import UserError
+
+    for flag, minimum in minimums.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value < minimum:
+            raise UserError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def check_model_flags(args: argparse.Namespace) -> tuple[str, str]:
+    """Validate the flags of ``add_model_flags`` before any data is read or model loaded.
+
+    Returns the backend that will run (``auto`` resolved) and the instruction text.
+    """
+    from .generation import resolve_backend_name
+    from .prompting import resolve_instruction
+
+    require_at_least(args, {"--max-new-tokens": 1, "--max-prompt-length": 1, "--batch_size": 1, "--num_gpus": 0})
+    return resolve_backend_name(args.backend), resolve_instruction(args.instruction)

@@ -153,7 +153,7 @@ def _truncate(example: Example, total_doc: int, fmt: str) -> Example:
     needed = total_doc - 1
     have = len(example.distractors)
     if have < needed:
-        message = f"has {have + 1} documents (gold + {have} distractors) but total_doc={total_doc} needs {total_doc}"
+        message = f"has {have + 1} documents (gold + {have} distractors) but --total_doc {total_doc} needs {total_doc}"
         if fmt == "litm" and have == 0:
             message += (
                 "; this looks like the 1-document oracle file: build k-document sets with "
@@ -174,7 +174,7 @@ def iter_examples(
     """
     _check_format_name(fmt)
     if total_doc is not None and total_doc < 1:
-        raise UserError(f"total_doc must be at least 1, got {total_doc}")
+        raise UserError(f"--total_doc must be at least 1, got {total_doc}")
     if limit is not None and limit <= 0:
         return
     count = 0

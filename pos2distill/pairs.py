@@ -27,12 +27,20 @@ def _check_record(record: dict, where: str, total_docs: int) -> None:
     for key in REQUIRED_STAGE1_FIELDS:
         if key not in record:
             raise UserError(f"{where}: missing field '{key}' (is this a stage-1 output file?)")
-    if len(record["documents"]) != total_docs:
-        raise UserError(f"{where}: {len(record['documents'])} documents, expected --total_doc {total_docs}")
+    if not isinstance(record["documents"], list) or len(record["documents"]) != total_docs:
+        have = len(record["documents"]) if isinstance(record["documents"], list) else "no list of"
+        raise UserError(f"{where}: {have} documents, expected --total_doc {total_docs}")
+    gold_idx = record["gold_idx"]
+    if not isinstance(gold_idx, int) or isinstance(gold_idx, bool) or not 0 <= gold_idx < total_docs:
+        raise UserError(f"{where}: 'gold_idx' {gold_idx!r} out of range 0..{total_docs - 1} for --total_doc {total_docs}")
+    if record["documents"][gold_idx] != record["gold_document"]:
+        raise UserError(f"{where}: documents[gold_idx={gold_idx}] is not the record's 'gold_document'")
 
 
 def select_correct(records: list[tuple[str, dict]], example_num: int, total_docs: int) -> list[tuple[str, dict]]:
     """The first ``example_num`` records whose oracle answer is correct (-1: all of them)."""
+    if example_num < -1 or example_num == 0:
+        raise UserError(f"--example_num must be -1 (every correct example) or at least 1, got {example_num}")
     kept = []
     for where, record in records:
         _check_record(record, where, total_docs)
@@ -40,6 +48,8 @@ def select_correct(records: list[tuple[str, dict]], example_num: int, total_docs
             kept.append((where, record))
             if len(kept) == example_num:
                 break
+    if not kept:
+        raise UserError(f"none of the {len(records)} examples pass the filter (correct oracle answer); nothing to train on")
     if example_num >= 0 and len(kept) < example_num:
         raise UserError(
             f"only {len(kept)} of {len(records)} examples pass the filter (correct oracle answer); "

@@ -23,8 +23,8 @@ def place_gold(gold: Document, distractors: Sequence[Document], position: int) -
     return docs
 
 
-def parse_position(value: str, total_docs: int) -> int:
-    """One position: an index 0..total_docs-1, ``first`` or ``last``."""
+def parse_position(value: str, total_docs: int, flag: str = "gold position") -> int:
+    """One position: an index 0..total_docs-1, ``first`` or ``last``; errors name ``flag``."""
     value = str(value).strip().lower()
     if value == "last":
         return total_docs - 1
@@ -33,17 +33,20 @@ def parse_position(value: str, total_docs: int) -> int:
     try:
         position = int(value)
     except ValueError:
-        raise UserError(f"gold position must be an integer, 'first' or 'last', got {value!r}") from None
+        raise UserError(f"{flag}: a position must be an integer, 'first' or 'last', got {value!r}") from None
     if not 0 <= position < total_docs:
-        raise UserError(f"gold position {position} out of range 0..{total_docs - 1} for {total_docs} documents")
+        raise UserError(f"{flag} {position} out of range 0..{total_docs - 1} for --total_doc {total_docs}")
     return position
 
 
-def parse_positions(spec: str, total_docs: int) -> list[int]:
+def parse_positions(spec: str, total_docs: int, flag: str = "gold position") -> list[int]:
     """``all`` (default) or a comma list such as ``0,4,9,last``; sorted, de-duplicated."""
     if spec is None or str(spec).strip().lower() == "all":
         return list(range(total_docs))
-    return sorted({parse_position(part, total_docs) for part in str(spec).split(",") if part.strip()})
+    positions = sorted({parse_position(part, total_docs, flag) for part in str(spec).split(",") if part.strip()})
+    if not positions:
+        raise UserError(f"{flag}: no positions given ({spec!r})")
+    return positions
 
 
 def example_rng(seed: int, index: int, salt: str = "") -> random.Random:

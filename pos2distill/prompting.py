@@ -48,11 +48,19 @@ def resolve_instruction(name: str) -> str:
     return INSTRUCTIONS[name]
 
 
+def require_chat_template(tokenizer) -> None:
+    """Stages 1, 3 and 4 prompt through the chat template; a base model's tokenizer has none."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise UserError(
+            f"{name}: the tokenizer has no chat template (neither chat_template.jinja nor a 'chat_template' "
+            f"in tokenizer_config.json); use a chat/instruct model"
+        )
+
+
 def chat_prompt(tokenizer, message: str) -> str:
     """One user turn through the tokenizer's chat template, generation prompt added."""
-    if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "the tokenizer")
-        raise UserError(f"{name} has no chat template; use a chat/instruct model")
+    require_chat_template(tokenizer)
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
     )

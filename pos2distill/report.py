@@ -7,7 +7,8 @@ import math
 import os
 from collections import defaultdict
 
-from .jsonl import write_text_atomic
+from .errors import UserError
+from .jsonl import temporary_name, write_text_atomic
 
 
 def wilson_interval(correct: float, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -96,11 +97,14 @@ def write_summaries(summaries: list[dict], prefix: str) -> list[str]:
 
 def load_summaries(path: str) -> list[dict]:
     """Read a summary JSON (JSON turns integer position keys into strings; turn them back)."""
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    for s in data:
-        for key in ("n", "accuracy", "ci95"):
-            s[key] = {int(p): v for p, v in s[key].items()}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        for s in data:
+            for key in ("n", "accuracy", "ci95"):
+                s[key] = {int(p): v for p, v in s[key].items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError, ValueError) as err:
+        raise UserError(f"{path}: not a summary JSON written by eval_data.py ({type(err).__name__}: {err})") from err
     return data
 
 
@@ -128,8 +132,13 @@ def plot_positions(summaries: list[dict], path: str, title: str = "") -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = f"{path}.partial.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    tmp = temporary_name(path)
+    try:
+        # The temporary name has no extension: say which format to write.
+        fig.savefig(tmp, format=os.path.splitext(path)[1].lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path

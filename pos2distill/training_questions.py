@@ -8,9 +8,16 @@ from .jsonl import iter_jsonl
 
 def training_questions(path: str) -> set[str]:
     if os.path.isdir(path):
-        from datasets import load_from_disk
+        from datasets import DatasetDict, load_from_disk
 
-        return set(load_from_disk(path)["question"])
+        try:
+            data = load_from_disk(path)
+        except (FileNotFoundError, ValueError) as err:
+            raise UserError(f"--train_dataset {path}: not a dataset saved with save_to_disk ({err})") from None
+        splits = list(data.values()) if isinstance(data, DatasetDict) else [data]
+        if any("question" not in split.column_names for split in splits):
+            raise UserError(f"--train_dataset {path}: no 'question' column")
+        return {question for split in splits for question in split["question"]}
     if os.path.isfile(path):
         return {record["question"] for _, record in iter_jsonl(path) if "question" in record}
-    raise UserError(f"{path}: training data not found")
+    raise UserError(f"--train_dataset {path}: no such file or folder")

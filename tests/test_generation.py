@@ -262,6 +262,75 @@ def test_hf_stop_at_newline(scripted):
     assert [first_line(s) for s in stopped] == [first_line(f) for f in full]
 
 
+def _with_extra_eos(backend, prompts, picks):
+    """EOS ids that end the given rows early: the greedy token of row r at step t, for (r, t) in picks."""
+    encoded = backend.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+    raw = backend.model.generate(**encoded, max_new_tokens=12, do_sample=False, pad_token_id=backend.pad_id)
+    new = raw[:, encoded["input_ids"].shape[1]:]
+    return [int(new[row, step]) for row, step in picks]
+
+
+def test_hf_compact_finished_gives_the_same_answers(sharp):
+    prompts = [chat_prompt(sharp.tokenizer, m) for m in MESSAGES]
+    eos_ids = list(sharp.eos_ids)
+    # Rows end at different steps (the sharp model's outputs depend on the whole prompt and
+    # cache, so a wrong cache row, mask or position after compaction changes the text).
+    sharp.eos_ids = eos_ids + _with_extra_eos(sharp, prompts, [(0, 2), (3, 5), (4, 0), (1, 8)])
+    batch_size = sharp.batch_size
+    try:
+        for size in (6, 4):
+            sharp.batch_size = size
+            plain = sharp.generate(prompts, max_new_tokens=12)
+            plain_stats = dict(sharp.last_stats)
+            sharp.compact_finished = True
+            try:
+                compact = sharp.generate(prompts, max_new_tokens=12)
+            finally:
+                sharp.compact_finished = False
+            stats = sharp.last_stats
+            assert compact == plain
+            assert len({len(t) for t in plain}) > 2  # rows really ended at different steps
+            assert stats["new_tokens"] == plain_stats["new_tokens"]
+            assert stats["decode_steps"] == plain_stats["decode_steps"]
+            assert stats["row_steps"] < plain_stats["row_steps"]  # finished rows were dropped
+            assert plain_stats["row_steps"] > plain_stats["new_tokens"]  # plain decoding computes finished rows
+            assert stats["batches"] == -(-len(prompts) // size)
+            assert stats["padded_prompt_tokens"] >= stats["prompt_tokens"] == sum(sharp.count_tokens(prompts))
+        # sampling never compacts: the same call gives the same samples either way
+        sampled = sharp.generate(prompts, max_new_tokens=6, temperature=1.0, seed=3)
+        sharp.compact_finished = True
+        try:
+            assert sharp.generate(prompts, max_new_tokens=6, temperature=1.0, seed=3) == sampled
+        finally:
+            sharp.compact_finished = False
+    finally:
+        sharp.eos_ids = eos_ids
+        sharp.batch_size = batch_size
+
+
+def test_hf_compact_finished_keeps_the_newline_state(scripted):
+    prompts = ["What is the capital", "Here is my answer", "Paris, Rome", "Lines:\n\n"]
+    plain = scripted.generate(prompts, max_new_tokens=6, stop_at_newline=True)
+    scripted.compact_finished = True
+    try:
+        # Row 0 ends at step 2 and is dropped; row 1 ("\n Paris\n") must still remember that it
+        # has written text when its second newline comes, in the next generate call.
+        assert scripted.generate(prompts, max_new_tokens=6, stop_at_newline=True) == plain
+    finally:
+        scripted.compact_finished = False
+    assert plain[:2] == [" Paris\n", "\n Paris\n"]
+
+
+def test_hf_reuses_the_counted_token_ids(sharp):
+    prompts = [chat_prompt(sharp.tokenizer, m) for m in MESSAGES[:3]]
+    sharp.count_tokens(prompts)
+    counted = sharp._encoded[1]
+    assert sharp._token_ids(list(prompts)) is counted  # generate() takes these, no second tokenization
+    assert sharp._token_ids(prompts[:2]) is not counted  # other prompts are tokenized afresh
+    sharp.generate(prompts, max_new_tokens=2)
+    assert sharp._encoded is None  # used once, then dropped
+
+
 class _ToyTokenizer:
     """Just enough of a tokenizer for newline_token_table."""
 

@@ -182,6 +182,20 @@ def test_bad_kd_coef_through_the_deepspeed_launcher(tmp_path):
     assert "Traceback" not in output
 
 
+def test_resume_refuses_a_checkpoint_with_another_data_order():
+    from kd.train_kd import check_data_order, data_order, parse_args
+    from pos2distill.errors import UserError
+
+    args = parse_args(["--dataset", "d", "--pretrain", "m", "--train_batch_size", "8", "--micro_train_batch_size", "2"])
+    saved = data_order(args, "d", 100, 2)
+    check_data_order(saved, data_order(args, "d", 100, 2), "ckpt")  # same order: fine
+    check_data_order(None, saved, "ckpt")  # older checkpoints carry no order
+    args.seed = 7
+    with pytest.raises(UserError, match=r"--load_checkpoint: ckpt was saved by a run with another data order "
+                                        r"\(seed 42 -> 7; processes 2 -> 1\)"):
+        check_data_order(saved, data_order(args, "d", 100, 1), "ckpt")
+
+
 # --------------------------------------------------------------------------- launcher runs
 
 
@@ -238,6 +252,7 @@ def test_resume_continues_the_same_data_order(trained, tiny_model):
     ckpt = base / "resume_ckpt"
     shutil.copytree(out / "ckpt", ckpt)
     assert {p.name for p in ckpt.iterdir() if p.is_dir()} == {"global_step1", "global_step2", "global_step3"}
+    assert (ckpt / "latest").read_text() == "global_step3"  # written once every rank has saved
     shutil.rmtree(ckpt / "global_step2")
     shutil.rmtree(ckpt / "global_step3")
     (ckpt / "latest").write_text("global_step1")

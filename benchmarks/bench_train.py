@@ -1,0 +1,624 @@
+"""Benchmark of one KD training step: response-only logits (ours) vs full-sequence logits (naive).
+
+One micro-batch step = student forward + backward, teacher forward (no grad), the project's
+``DistillationLoss`` (``--kd_coef``, default 0,0,0,1 = Pos2Distill's adaptive loss), one AdamW
+update. Plain PyTorch on one device, no DeepSpeed: this measures the step itself.
+
+- ``ours``: ``kd.losses.response_logits`` (the LM head only at the response-predicting
+  positions), teacher run once per distinct teacher input of the micro-batch (as
+  ``kd.trainer.Pos2DistillTrainer.compute_losses``).
+- ``naive`` (the reference approach): full ``[batch, seq, vocab]`` logits for student and
+  teacher, upcast to fp32, teacher run for every row; the same loss on the response slice.
+
+Reported per (variant, micro-batch): median step time, student tokens/s, MFU, peak GPU memory
+of the step and the memory of the logits + loss computation alone.
+
+    python benchmarks/bench_train.py --model Qwen2.5-Coder-0.5B-Instruct.gguf \
+        --data qa_data/nq-open-20_total_documents.jsonl.gz --micro_batch_sizes 1 2 4 8 \
+        --gradient_checkpointing --output bench_train.json
+"""
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from pos2distill.errors import UserError, run_cli  # noqa: E402
+
+VARIANTS = ("ours", "naive")
+# Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's data sheets; the first name
+# contained in torch.cuda.get_device_name() wins, so specific names come first.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+)
+FLOPS_FORMULA = (
+    "FLOPs/step = (6 + 2*gc) * N_student * student_tokens + 2 * N_teacher * teacher_tokens; "
+    "N = non-embedding parameters (input embeddings and an untied LM head excluded), tokens = "
+    "non-padding tokens actually run (teacher: distinct rows for ours, every row for naive), "
+    "gc = 1 with gradient checkpointing (the recomputed forward); attention score FLOPs are not "
+    "counted. MFU = FLOPs/step / step time / peak bf16 FLOP/s"
+)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct",
+                        help="student: folder, hub id, .gguf file or SmolLM2-135M-Instruct (embedded)")
+    parser.add_argument("--teacher", default=None, help="teacher model (default: a frozen copy of --model)")
+    parser.add_argument("--data", default=None,
+                        help="an evaluation-format file (any format pos2distill.formats reads); "
+                             "without it, synthetic token ids of --prompt_len")
+    parser.add_argument("--total_doc", type=int, default=20, help="documents per prompt with --data")
+    parser.add_argument("--teacher_position", type=int, default=0,
+                        help="gold position the teacher sees (the advantageous one) with --data")
+    parser.add_argument("--prompt_len", type=int, default=2400, help="synthetic prompt length in tokens")
+    parser.add_argument("--response_len", type=int, default=8, help="synthetic response length incl. EOS")
+    parser.add_argument("--copies_per_example", type=int, default=1,
+                        help="consecutive rows sharing one teacher input (1: distinct examples, what the "
+                             "shuffled trainer mostly sees; 5: all copies of an example in one micro-batch)")
+    parser.add_argument("--micro_batch_sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median reported)")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--kd_coef", default="0,0,0,1", help="kd,lm,rank,adaptive weights (kd/losses.py)")
+    parser.add_argument("--learning_rate", type=float, default=1e-6)
+    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="peak dense bf16 TFLOP/s for MFU (default: from the GPU name)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks")
+    args = parser.parse_args(argv)
+    for flag in ("total_doc", "prompt_len", "response_len", "copies_per_example", "steps"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    if min(args.micro_batch_sizes) < 1:
+        raise UserError(f"--micro_batch_sizes must be at least 1, got {args.micro_batch_sizes}")
+    if not 0 <= args.teacher_position < args.total_doc:
+        raise UserError(f"--teacher_position {args.teacher_position} outside 0..{args.total_doc - 1}")
+    try:
+        args.kd_coef = [float(c) for c in args.kd_coef.split(",")]
+    except ValueError:
+        raise UserError(f"--kd_coef must be 4 comma-separated numbers, got {args.kd_coef!r}") from None
+    if len(args.kd_coef) != 4:
+        raise UserError(f"--kd_coef must be 4 comma-separated numbers, got {args.kd_coef}")
+    return args
+
+
+# --------------------------------------------------------------------------- device
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible")
+    return device
+
+
+def peak_tflops(device, override):
+    """(peak bf16 TFLOP/s or None, where it came from)."""
+    import torch
+
+    if override is not None:
+        return override, "--peak_tflops"
+    if device.type != "cuda":
+        return None, "CPU: no known peak (pass --peak_tflops for an MFU figure)"
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS:
+        if key in name:
+            return value, f"{name}: {key} dense bf16 peak from NVIDIA's data sheet"
+    return None, f"{name}: unknown GPU (pass --peak_tflops for an MFU figure)"
+
+
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_model(path: str, device, dtype, train: bool, gradient_checkpointing: bool):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    model.config.use_cache = False
+    if train:
+        model.train()
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def non_embedding_params(model) -> int:
+    """Parameters outside the input embedding and an untied output head (Kaplan's N)."""
+    skip = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        skip.add(id(head.weight))
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+# --------------------------------------------------------------------------- micro-batches
+
+
+def _response_ids(tokenizer, answer: str) -> list:
+    from pos2distill.metrics import first_line
+
+    return tokenizer(first_line(answer), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def real_items(args, tokenizer, count: int) -> list:
+    """``count`` rows from ``--data``: student prompt with the gold document at a trivial
+    position, teacher prompt with it at ``--teacher_position``, response = first gold answer + EOS.
+    Tokenized as ``kd.pair_dataset.PairDataset`` does with ``--apply_chat_template``."""
+    from pos2distill.formats import load_examples
+    from pos2distill.position_eval import prompt_examples
+
+    needed = math.ceil(count / args.copies_per_example)
+    examples = load_examples(args.data, total_doc=args.total_doc, limit=needed)
+    if not examples:
+        raise UserError(f"{args.data}: no examples")
+    trivial = [p for p in range(args.total_doc) if p != args.teacher_position] or [args.teacher_position]
+    stride = max(1, len(trivial) // args.copies_per_example)
+
+    def ids(example, example_id, position):
+        prompt = prompt_examples(tokenizer, [example], [example_id], position, args.seed)[0].prompt
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    items = []
+    for row in range(count):
+        # Fewer examples than rows: reuse them (the file is short), each still a distinct row.
+        example_id = (row // args.copies_per_example) % len(examples)
+        copy = row % args.copies_per_example
+        example = examples[example_id]
+        position = trivial[(example_id + copy * stride) % len(trivial)]
+        response = _response_ids(tokenizer, example.answers[0] if example.answers else "")
+        items.append({
+            "student_ids": ids(example, example_id, position) + response,
+            "teacher_ids": ids(example, example_id, args.teacher_position) + response,
+            "response_len": len(response),
+            "gold_idx": position,
+            "is_anchor": False,
+        })
+    return items
+
+
+def synthetic_items(args, tokenizer, vocab_size: int, count: int) -> list:
+    """``count`` rows of random prompt ids of ``--prompt_len``; copies share a teacher prompt."""
+    import torch
+
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def draw(n):
+        return torch.randint(0, vocab_size, (n,), generator=generator).tolist()
+
+    items = []
+    for row in range(count):
+        if row % args.copies_per_example == 0:  # a new example: its teacher prompt and response
+            teacher = draw(args.prompt_len)
+            response = draw(args.response_len - 1) + [tokenizer.eos_token_id]
+        items.append({
+            "student_ids": draw(args.prompt_len) + response,
+            "teacher_ids": teacher + response,
+            "response_len": args.response_len,
+            "gold_idx": 1 + row % 4,
+            "is_anchor": False,
+        })
+    return items
+
+
+def collate(items: list, pad_id: int) -> dict:
+    """The trainer's collate (``PairDataset.collate_fn``) on hand-made rows."""
+    from types import SimpleNamespace
+
+    from kd.pair_dataset import PairDataset
+
+    return PairDataset.collate_fn(SimpleNamespace(pad_token_id=pad_id), items)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def _positions(mask):
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _teacher_rows(batch: dict, dedup: bool) -> tuple:
+    if dedup:
+        return batch["teacher_input_ids"], batch["teacher_attention_mask"]
+    index = batch["teacher_index"]
+    return batch["teacher_input_ids"][index], batch["teacher_attention_mask"][index]
+
+
+def ours_logits(student, teacher, batch, width):
+    import torch
+
+    from kd.losses import response_logits
+
+    student_logits = response_logits(student, batch["student_input_ids"], batch["student_attention_mask"], width)
+    with torch.no_grad():
+        teacher_logits = response_logits(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"], width)
+        if teacher_logits.shape[0] != student_logits.shape[0]:
+            teacher_logits = teacher_logits[batch["teacher_index"]]
+    return student_logits, teacher_logits
+
+
+def naive_logits(student, teacher, batch, width):
+    import torch
+
+    ids, mask = batch["student_input_ids"], batch["student_attention_mask"]
+    full = student(ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False).logits.float()
+    t_ids, t_mask = _teacher_rows(batch, dedup=False)
+    with torch.no_grad():
+        t_full = teacher(t_ids, attention_mask=t_mask, position_ids=_positions(t_mask), use_cache=False).logits.float()
+    return full[:, -(width + 1):-1], t_full[:, -(width + 1):-1]
+
+
+LOGITS = {"ours": ours_logits, "naive": naive_logits}
+
+
+def _loss(objective, student_logits, teacher_logits, batch):
+    return objective(student_logits, teacher_logits, batch["labels"], batch["response_mask"],
+                     batch["gold_idx"], batch["is_anchor"])["total"]
+
+
+def train_step(variant, student, teacher, batch, objective, optimizer):
+    width = batch["labels"].shape[1]
+    student_logits, teacher_logits = LOGITS[variant](student, teacher, batch, width)
+    loss = _loss(objective, student_logits, teacher_logits, batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class CudaMeter:
+    """Peak CUDA memory allocated inside the ``with`` block above what was allocated at its start."""
+
+    def __init__(self, device):
+        self.device = device
+        self.used = None
+
+    def __enter__(self):
+        import torch
+
+        sync(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.before = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        sync(self.device)
+        self.used = torch.cuda.max_memory_allocated(self.device) - self.before
+
+
+def cpu_meter():
+    """Peak bytes of tensor storage allocated inside the ``with`` block and alive at once.
+
+    torch keeps no allocator statistics for the CPU: a dispatch mode sees every op's outputs,
+    counts each new storage once, and a finalizer subtracts it when the storage is freed.
+    Outputs that alias an input (views, in-place ops) are not new memory.
+    """
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    def pointers(tree):
+        return {t.untyped_storage().data_ptr() for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}
+
+    class CpuMeter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live, self.current, self.used = {}, 0, 0
+
+        def _free(self, key):
+            self.current -= self.live.pop(key, 0)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            inputs = pointers((args, kwargs))
+            for tensor in tree_leaves(out):
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in inputs and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.used = max(self.used, self.current)
+                    weakref.finalize(storage, self._free, key)
+            return out
+
+    return CpuMeter()
+
+
+def memory_meter(device):
+    return CudaMeter(device) if device.type == "cuda" else cpu_meter()
+
+
+def loss_memory(variant, student, teacher, batch, objective, device) -> int:
+    """Bytes the logits + loss computation (forward and backward) needs above what was allocated
+    before it: the backbones run first (no grad), then the LM heads, the loss and its backward
+    down to the last hidden states are measured. ``ours`` applies the head to the last
+    ``width + 1`` positions as ``response_logits`` does; ``naive`` to every position, in fp32."""
+    import torch
+
+    width = batch["labels"].shape[1]
+    dedup = variant == "ours"
+    t_ids, t_mask = _teacher_rows(batch, dedup)
+    s_ids, s_mask = batch["student_input_ids"], batch["student_attention_mask"]
+    with torch.no_grad():
+        t_hidden = teacher.get_decoder()(input_ids=t_ids, attention_mask=t_mask, position_ids=_positions(t_mask),
+                                         use_cache=False).last_hidden_state
+        s_hidden = student.get_decoder()(input_ids=s_ids, attention_mask=s_mask, position_ids=_positions(s_mask),
+                                         use_cache=False).last_hidden_state
+    hidden = s_hidden.detach().requires_grad_()
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    with memory_meter(device) as meter:
+        if dedup:
+            student_logits = s_head(hidden[:, -(width + 1):])[:, :-1]
+            with torch.no_grad():
+                teacher_logits = t_head(t_hidden[:, -(width + 1):])[:, :-1]
+                if teacher_logits.shape[0] != student_logits.shape[0]:
+                    teacher_logits = teacher_logits[batch["teacher_index"]]
+        else:
+            student_logits = s_head(hidden).float()[:, -(width + 1):-1]
+            with torch.no_grad():
+                teacher_logits = t_head(t_hidden).float()[:, -(width + 1):-1]
+        _loss(objective, student_logits, teacher_logits, batch).backward()
+        del student_logits, teacher_logits
+    student.zero_grad(set_to_none=True)
+    return meter.used
+
+
+def time_steps(step, n: int, device) -> list:
+    import torch
+
+    times = []
+    for _ in range(n):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            began = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - began)
+    return times
+
+
+def run_config(args, variant, micro_batch, batch, student, teacher, objective, optimizer, device, counts, peak):
+    import torch
+
+    cuda = device.type == "cuda"
+    student_tokens = int(batch["student_attention_mask"].sum())
+    teacher_mask = _teacher_rows(batch, dedup=variant == "ours")[1]
+    teacher_tokens = int(teacher_mask.sum())
+    result = {
+        "variant": variant,
+        "micro_batch_size": micro_batch,
+        "student_tokens": student_tokens,
+        "student_padded_tokens": int(batch["student_attention_mask"].numel()),
+        "teacher_rows": int(teacher_mask.shape[0]),
+        "teacher_tokens": teacher_tokens,
+        "response_width": int(batch["labels"].shape[1]),
+    }
+    oom = False
+    try:
+        def step():
+            train_step(variant, student, teacher, batch, objective, optimizer)
+
+        for _ in range(args.warmup):
+            step()
+        sync(device)
+        if cuda:
+            with CudaMeter(device) as meter:
+                times = time_steps(step, args.steps, device)
+            result["peak_memory_gib"] = (meter.before + meter.used) / 2**30
+        else:
+            times = time_steps(step, args.steps, device)
+            with cpu_meter() as meter:  # one more step, untimed: the meter slows every op
+                step()
+            result["peak_memory_gib"] = None  # no allocator statistics for the CPU
+        # above weights, optimizer state and anything else allocated before the step
+        result["step_memory_gib"] = meter.used / 2**30
+        result["loss_memory_gib"] = loss_memory(variant, student, teacher, batch, objective, device) / 2**30
+        result["memory_source"] = "torch.cuda.max_memory_allocated" if cuda else "tensor storages (dispatch mode)"
+    except torch.OutOfMemoryError:
+        oom = True
+    if oom:
+        # Outside the except block: the traceback no longer pins the failed step's tensors.
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        result["status"] = "OOM"
+        return result
+    seconds = statistics.median(times)
+    flops = (6 + 2 * args.gradient_checkpointing) * counts["student"] * student_tokens \
+        + 2 * counts["teacher"] * teacher_tokens
+    result.update(
+        status="ok",
+        step_seconds_median=seconds,
+        step_seconds_all=times,
+        student_tokens_per_s=student_tokens / seconds,
+        samples_per_s=micro_batch / seconds,
+        flops_per_step=flops,
+        achieved_tflops=flops / seconds / 1e12,
+        mfu=flops / seconds / (peak * 1e12) if peak else None,
+    )
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def comparisons(results: list) -> list:
+    """ours vs naive at equal micro-batch: speed-up and memory ratios."""
+    by_key = {(r["variant"], r["micro_batch_size"]): r for r in results}
+    out = []
+    for (variant, micro_batch), ours in sorted(by_key.items(), key=lambda kv: kv[0][1]):
+        naive = by_key.get(("naive", micro_batch))
+        if variant != "ours" or naive is None:
+            continue
+        row = {"micro_batch_size": micro_batch, "ours": ours["status"], "naive": naive["status"]}
+        if ours["status"] == naive["status"] == "ok":
+            row["tokens_per_s_ratio"] = ours["student_tokens_per_s"] / naive["student_tokens_per_s"]
+            for key in ("peak_memory_gib", "step_memory_gib", "loss_memory_gib"):
+                if ours.get(key) and naive.get(key):
+                    row[key.replace("_gib", "_ratio_naive_over_ours")] = naive[key] / ours[key]
+        out.append(row)
+    return out
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: list) -> str:
+    lines = [f"{'variant':<7} {'mb':>3} {'step ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'MFU %':>6} "
+             f"{'peak GiB':>9} {'step GiB':>9} {'loss GiB':>9}"]
+    for r in results:
+        if r["status"] != "ok":
+            lines.append(f"{r['variant']:<7} {r['micro_batch_size']:>3} {r['status']:>9}")
+            continue
+        mfu = None if r["mfu"] is None else 100 * r["mfu"]
+        lines.append(
+            f"{r['variant']:<7} {r['micro_batch_size']:>3} {1000 * r['step_seconds_median']:>9.1f} "
+            f"{r['student_tokens_per_s']:>10.0f} {r['achieved_tflops']:>8.2f} {_fmt(mfu, '6.1f'):>6} "
+            f"{_fmt(r['peak_memory_gib'], '9.2f'):>9} {_fmt(r['step_memory_gib'], '9.3f'):>9} "
+            f"{_fmt(r['loss_memory_gib'], '9.3f'):>9}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv):
+    args = parse_args(argv)
+    import torch
+
+    from kd.losses import DistillationLoss
+    from pos2distill.jsonl import write_text_atomic
+    from pos2distill.models import load_tokenizer, resolve_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak, peak_source = peak_tflops(device, args.peak_tflops)
+    student_path = resolve_model(args.model)
+    teacher_path = resolve_model(args.teacher) if args.teacher else student_path
+    tokenizer = load_tokenizer(student_path)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{student_path}: the tokenizer has no EOS token")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    torch.manual_seed(args.seed)
+    student = load_model(student_path, device, dtype, True, args.gradient_checkpointing)
+    teacher = load_model(teacher_path, device, dtype, False, False)
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise UserError("the teacher's vocabulary differs from the student's")
+    counts = {"student": non_embedding_params(student), "teacher": non_embedding_params(teacher)}
+    # fused AdamW keeps the optimizer step one kernel launch on GPUs, as DeepSpeed's FusedAdam does
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
+    objective = DistillationLoss(args.kd_coef)
+
+    largest = max(args.micro_batch_sizes)
+    if args.data:
+        items = real_items(args, tokenizer, largest)
+        source = f"{args.data} ({args.total_doc} documents, teacher gold at {args.teacher_position})"
+    else:
+        items = synthetic_items(args, tokenizer, student.config.vocab_size, largest)
+        source = f"synthetic ({args.prompt_len}-token prompts, {args.response_len}-token responses)"
+    prompt_lengths = [len(it["student_ids"]) - it["response_len"] for it in items]
+
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"dtype {str(dtype).replace('torch.', '')}, gradient checkpointing {args.gradient_checkpointing}")
+    print(f"peak: {_fmt(peak, '.0f')} TFLOP/s ({peak_source})")
+    print(f"student {student_path}: N = {counts['student'] / 1e6:.1f}M non-embedding parameters; "
+          f"teacher {teacher_path}: N = {counts['teacher'] / 1e6:.1f}M")
+    print(f"data: {source}; student prompts {min(prompt_lengths)}-{max(prompt_lengths)} tokens "
+          f"(mean {statistics.mean(prompt_lengths):.0f}); {args.copies_per_example} row(s) per teacher input")
+    print(FLOPS_FORMULA)
+
+    results = []
+    for micro_batch in args.micro_batch_sizes:
+        batch = {k: v.to(device) for k, v in collate(items[:micro_batch], pad_id).items()}
+        for variant in args.variants:
+            results.append(run_config(args, variant, micro_batch, batch, student, teacher, objective, optimizer,
+                                      device, counts, peak))
+    ratios = comparisons(results)
+    print()
+    print("peak GiB: all allocated memory during the timed steps (CUDA only); step GiB: the step's peak above "
+          "what was allocated before it; loss GiB: LM heads + loss + their backward alone (see loss_memory)")
+    print(table(results))
+    for row in ratios:
+        if "tokens_per_s_ratio" in row:
+            extra = "".join(f", {k.split('_ratio')[0].replace('_', ' ')} naive/ours {v:.2f}x"
+                            for k, v in row.items() if k.endswith("naive_over_ours"))
+            print(f"mb {row['micro_batch_size']}: ours/naive tokens/s {row['tokens_per_s_ratio']:.2f}x{extra}")
+        else:
+            print(f"mb {row['micro_batch_size']}: ours {row['ours']}, naive {row['naive']}")
+    if args.output:
+        report = {
+            "benchmark": "bench_train",
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "dtype": str(dtype).replace("torch.", ""),
+            "peak_tflops": peak,
+            "peak_tflops_source": peak_source,
+            "flops_formula": FLOPS_FORMULA,
+            "student": student_path,
+            "teacher": teacher_path,
+            "student_non_embedding_params": counts["student"],
+            "teacher_non_embedding_params": counts["teacher"],
+            "data": source,
+            "student_prompt_tokens": {"min": min(prompt_lengths), "max": max(prompt_lengths),
+                                      "mean": statistics.mean(prompt_lengths)},
+            "args": {k: v for k, v in vars(args).items() if k != "debug"},
+            "results": results,
+            "comparison": ratios,
+        }
+        write_text_atomic(args.output, json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,97 @@
+"""Smoke tests of benchmarks/bench_train.py and bench_eval.py on CPU with the tiny model.
+
+Benchmarks are not tests: these check only that the scripts run end to end and report
+what they promise (both variants, positive figures), never the timing values.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from pos2distill.jsonl import write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL = 4
+
+
+def _nq_file(path, n=8):
+    records = []
+    for i in range(n):
+        ctxs = [{"title": f"Gold {i}", "text": f"The answer to question {i} is blue.", "hasanswer": True,
+                 "isgold": True}]
+        ctxs += [{"title": f"Other {i}.{j}", "text": f"Unrelated passage {j}.", "hasanswer": False, "isgold": False}
+                 for j in range(TOTAL - 1)]
+        records.append({"question": f"what is the answer to question {i}", "answers": ["blue"], "ctxs": ctxs})
+    write_jsonl(str(path), records)
+    return path
+
+
+def _run(script, *args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def _check_train_report(report, sizes):
+    results = report["results"]
+    assert {(r["variant"], r["micro_batch_size"]) for r in results} == {(v, m) for v in ("ours", "naive") for m in sizes}
+    for r in results:
+        assert r["status"] == "ok"
+        for key in ("step_seconds_median", "student_tokens_per_s", "achieved_tflops", "mfu", "step_memory_gib",
+                    "loss_memory_gib", "student_tokens", "teacher_tokens", "flops_per_step"):
+            assert r[key] > 0, (key, r)
+        assert r["peak_memory_gib"] is None  # CPU: no allocator statistics
+    assert [c["micro_batch_size"] for c in report["comparison"]] == sorted(sizes)
+    assert all(c["tokens_per_s_ratio"] > 0 and c["loss_memory_ratio_naive_over_ours"] > 0
+               for c in report["comparison"])
+    assert "6" in report["flops_formula"] and report["student_non_embedding_params"] > 0
+
+
+def test_bench_train_synthetic(tmp_path, tiny_model):
+    out = tmp_path / "train.json"
+    stdout = _run("bench_train.py", "--model", tiny_model, "--device", "cpu", "--threads", "1",
+                  "--prompt_len", 48, "--response_len", 4, "--micro_batch_sizes", 1, 2, "--warmup", 1, "--steps", 2,
+                  "--peak_tflops", 1.0, "--output", out)
+    report = json.loads(out.read_text())
+    _check_train_report(report, [1, 2])
+    assert report["peak_tflops"] == 1.0 and report["peak_tflops_source"] == "--peak_tflops"
+    assert "FLOPs/step" in stdout and "ours/naive tokens/s" in stdout
+    # every row is a distinct example: the teacher runs once per row in both variants
+    assert all(r["teacher_rows"] == r["micro_batch_size"] for r in report["results"])
+
+
+def test_bench_train_real_data_dedups_teacher(tmp_path, tiny_model):
+    data = _nq_file(tmp_path / "nq-4.jsonl.gz")
+    out = tmp_path / "train.json"
+    _run("bench_train.py", "--model", tiny_model, "--device", "cpu", "--threads", "1", "--data", data,
+         "--total_doc", TOTAL, "--copies_per_example", 2, "--micro_batch_sizes", 2, "--warmup", 0, "--steps", 1,
+         "--gradient_checkpointing", "--peak_tflops", 1.0, "--output", out)
+    report = json.loads(out.read_text())
+    _check_train_report(report, [2])
+    rows = {r["variant"]: r for r in report["results"]}
+    assert rows["ours"]["teacher_rows"] == 1 and rows["naive"]["teacher_rows"] == 2
+    assert report["student_prompt_tokens"]["min"] > 50  # chat-templated prompts with 4 documents
+
+
+def test_bench_eval(tmp_path, tiny_model):
+    data = _nq_file(tmp_path / "nq-4.jsonl.gz")
+    out = tmp_path / "eval.json"
+    stdout = _run("bench_eval.py", "--data", data, "--model", tiny_model, "--device", "cpu", "--threads", "1",
+                  "--total_doc", TOTAL, "--sample_num", 5, "--positions", "0,last", "--batch_size", 4,
+                  "--baseline_batch_size", 3, "--max_new_tokens", 8, "--warmup_prompts", 1, "--output", out)
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    assert set(runs) == {"ours_bs4", "ours_bs4_compact", "baseline"} and report["prompts"] == 10
+    for run in runs.values():
+        assert run["prompts"] == 10 and run["prompts_per_s"] > 0 and run["seconds"] > 0
+        assert 0 < run["useful_decode_fraction"] <= 1 and 0 <= run["padding_fraction"] < 1
+    for name in ("ours_bs4", "ours_bs4_compact"):
+        ours = runs[name]
+        assert ours["speedup_vs_baseline"] > 0
+        assert 0 <= ours["score_mismatches"] <= 10
+        assert len(ours["examples"]) == min(ours["score_mismatches"], 5)
+    assert runs["ours_bs4_compact"]["compact_finished"] and not runs["ours_bs4"]["compact_finished"]
+    assert "speed-up" in stdout
