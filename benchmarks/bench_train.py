@@ -421,6 +421,17 @@ def time_steps(step, n: int, device) -> list:
     return times
 
 
+def _release(optimizer, student) -> None:
+    """After an out-of-memory error: drop gradients and cached blocks before the next config."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    student.zero_grad(set_to_none=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_config(args, variant, micro_batch, batch, student, teacher, objective, optimizer, device, counts, peak):
     import torch
 
@@ -436,12 +447,14 @@ def run_config(args, variant, micro_batch, batch, student, teacher, objective, o
         "teacher_rows": int(teacher_mask.shape[0]),
         "teacher_tokens": teacher_tokens,
         "response_width": int(batch["labels"].shape[1]),
+        "memory_source": "torch.cuda.max_memory_allocated" if cuda else "tensor storages (dispatch mode)",
     }
+
+    def step():
+        train_step(variant, student, teacher, batch, objective, optimizer)
+
     oom = False
     try:
-        def step():
-            train_step(variant, student, teacher, batch, objective, optimizer)
-
         for _ in range(args.warmup):
             step()
         sync(device)
@@ -456,17 +469,19 @@ def run_config(args, variant, micro_batch, batch, student, teacher, objective, o
             result["peak_memory_gib"] = None  # no allocator statistics for the CPU
         # above weights, optimizer state and anything else allocated before the step
         result["step_memory_gib"] = meter.used / 2**30
+    except torch.OutOfMemoryError:
+        oom = True
+    if oom:  # handled outside the except block: its traceback would pin the failed step's tensors
+        _release(optimizer, student)
+        result["status"] = "OOM"
+        return result
+    try:
         result["loss_memory_gib"] = loss_memory(variant, student, teacher, batch, objective, device) / 2**30
-        result["memory_source"] = "torch.cuda.max_memory_allocated" if cuda else "tensor storages (dispatch mode)"
     except torch.OutOfMemoryError:
         oom = True
     if oom:
-        # Outside the except block: the traceback no longer pins the failed step's tensors.
-        optimizer.zero_grad(set_to_none=True)
-        gc.collect()
-        torch.cuda.empty_cache()
-        result["status"] = "OOM"
-        return result
+        _release(optimizer, student)
+        result["loss_memory_gib"] = "OOM"
     seconds = statistics.median(times)
     flops = (6 + 2 * args.gradient_checkpointing) * counts["student"] * student_tokens \
         + 2 * counts["teacher"] * teacher_tokens
@@ -501,13 +516,15 @@ def comparisons(results: list) -> list:
         if ours["status"] == naive["status"] == "ok":
             row["tokens_per_s_ratio"] = ours["student_tokens_per_s"] / naive["student_tokens_per_s"]
             for key in ("peak_memory_gib", "step_memory_gib", "loss_memory_gib"):
-                if ours.get(key) and naive.get(key):
+                if isinstance(ours.get(key), float) and isinstance(naive.get(key), float) and ours[key] > 0:
                     row[key.replace("_gib", "_ratio_naive_over_ours")] = naive[key] / ours[key]
         out.append(row)
     return out
 
 
 def _fmt(value, spec):
+    if isinstance(value, str):  # "OOM"
+        return value
     return "-" if value is None else format(value, spec)
 
 

@@ -4,10 +4,12 @@ Benchmarks are not tests: these check only that the scripts run end to end and r
 what they promise (both variants, positive figures), never the timing values.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 from pos2distill.jsonl import write_jsonl
 
@@ -37,7 +39,8 @@ def _run(script, *args):
 
 def _check_train_report(report, sizes):
     results = report["results"]
-    assert {(r["variant"], r["micro_batch_size"]) for r in results} == {(v, m) for v in ("ours", "naive") for m in sizes}
+    expected = {(variant, size) for variant in ("ours", "naive") for size in sizes}
+    assert {(r["variant"], r["micro_batch_size"]) for r in results} == expected
     for r in results:
         assert r["status"] == "ok"
         for key in ("step_seconds_median", "student_tokens_per_s", "achieved_tflops", "mfu", "step_memory_gib",
@@ -95,3 +98,34 @@ def test_bench_eval(tmp_path, tiny_model):
         assert len(ours["examples"]) == min(ours["score_mismatches"], 5)
     assert runs["ours_bs4_compact"]["compact_finished"] and not runs["ours_bs4"]["compact_finished"]
     assert "speed-up" in stdout
+
+
+def _load_benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_train_reports_out_of_memory_and_goes_on(monkeypatch):
+    import torch
+
+    bench = _load_benchmark("bench_train")
+    args = bench.parse_args(["--prompt_len", "8", "--response_len", "2", "--warmup", "1", "--steps", "1"])
+    batch = bench.collate(bench.synthetic_items(args, SimpleNamespace(eos_token_id=0), 100, 2), pad_id=0)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(bench, "train_step", out_of_memory)
+    student = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.AdamW(student.parameters())
+    naive = bench.run_config(args, "naive", 2, batch, student, None, None, optimizer, torch.device("cpu"),
+                             {"student": 1, "teacher": 1}, None)
+    assert naive["status"] == "OOM" and naive["teacher_rows"] == 2
+    ours = {"variant": "ours", "micro_batch_size": 2, "status": "ok", "step_seconds_median": 0.1,
+            "student_tokens_per_s": 100.0, "achieved_tflops": 0.1, "mfu": None, "peak_memory_gib": None,
+            "step_memory_gib": 0.1, "loss_memory_gib": "OOM"}
+    assert bench.comparisons([ours, naive]) == [{"micro_batch_size": 2, "ours": "ok", "naive": "OOM"}]
+    table = bench.table([ours, naive])
+    assert "OOM" in table.splitlines()[2] and "OOM" in table.splitlines()[1]
