@@ -67,7 +67,11 @@ def chunks_in(partial_dir):
 def run_and_interrupt(cmd, partial_dir, log_dir, sig):
     """Start ``cmd``, send ``sig`` as soon as its first chunk is on disk; return (exit code, stderr)."""
     with open(log_dir / "out.log", "w") as out, open(log_dir / "err.log", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=ENV)
+        # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
+        # ignored: restore the default so the child turns Ctrl-C into KeyboardInterrupt wherever
+        # the test runner itself was started.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=ENV,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while not chunks_in(partial_dir):
             assert proc.poll() is None, "the run ended before it could be interrupted"
