@@ -179,13 +179,22 @@ class GenerationBackend:
 
     def __init__(self):
         self.last_stats: dict = {}
+        self._encoded = None  # (prompts, token ids) of the last count_tokens call
 
     def count_tokens(self, prompts: list[str]) -> list[int]:
         """Prompt lengths in tokens (prompts are chat-templated already: no special tokens added)."""
+        prompts = list(prompts)
+        ids = self._token_ids(prompts)
+        # Stages 1 and 4 count the prompts, then generate the same ones: keep the ids for that call.
+        self._encoded = (prompts, ids)
+        return [len(i) for i in ids]
+
+    def _token_ids(self, prompts: list[str]) -> list[list[int]]:
         if not prompts:
             return []
-        encoded = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        return [len(ids) for ids in encoded]
+        if self._encoded is not None and self._encoded[0] == prompts:
+            return self._encoded[1]
+        return self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
     def generate(
         self,
@@ -198,6 +207,24 @@ class GenerationBackend:
         stop_at_newline: bool = False,
         desc: str = "generating",
     ) -> list[str]:
+        self._check_sampling(max_new_tokens, temperature, top_p)
+        prompts = list(prompts)
+        start = time.perf_counter()
+        if not prompts:
+            self._record(0, 0.0, 0)
+            return []
+        token_ids = self._token_ids(prompts)
+        self._encoded = None
+        texts, new_tokens, extra = self._generate_ids(
+            token_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            stop_at_newline=stop_at_newline, desc=desc,
+        )
+        self._record(len(prompts), time.perf_counter() - start, new_tokens, **extra)
+        return texts
+
+    def _generate_ids(self, token_ids: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+                      seed: int, stop_at_newline: bool, desc: str) -> tuple[list[str], int, dict]:
+        """(answers in input order, new tokens generated, extra stats) for tokenized prompts."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -394,7 +421,6 @@ class HFBackend(GenerationBackend):
         self.batch_size = batch_size
         self.max_model_len = max_model_len
         self.compact_finished = compact_finished
-        self._encoded = None  # (prompts, token ids) of the last count_tokens call
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -415,20 +441,6 @@ class HFBackend(GenerationBackend):
             bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.eos_ids, pad_token_id=self.pad_id
         )
         self._newline_table = None
-
-    def count_tokens(self, prompts: list[str]) -> list[int]:
-        prompts = list(prompts)
-        ids = self._token_ids(prompts)
-        # Stages 1 and 4 count the prompts, then generate the same ones: keep the ids for that call.
-        self._encoded = (prompts, ids)
-        return [len(i) for i in ids]
-
-    def _token_ids(self, prompts: list[str]) -> list[list[int]]:
-        if not prompts:
-            return []
-        if self._encoded is not None and self._encoded[0] == prompts:
-            return self._encoded[1]
-        return self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
     def _eos_ids(self) -> list[int]:
         # Chat models often end turns with a token other than the tokenizer's EOS
@@ -468,34 +480,25 @@ class HFBackend(GenerationBackend):
         # top_k=0 disables HF's default top-k of 50, matching vLLM (no top-k).
         return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
 
-    def generate(self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
-                 stop_at_newline=False, desc="generating"):
+    def _generate_ids(self, token_ids, *, max_new_tokens, temperature, top_p, seed, stop_at_newline, desc):
         import torch
         from tqdm.auto import tqdm
 
-        self._check_sampling(max_new_tokens, temperature, top_p)
-        prompts = list(prompts)
-        start = time.perf_counter()
-        if not prompts:
-            self._record(0, 0.0, 0)
-            return []
-        token_ids = self._token_ids(prompts)
-        self._encoded = None
         if self.max_model_len is not None:
-            longest = max(range(len(prompts)), key=lambda i: len(token_ids[i]))
+            longest = max(range(len(token_ids)), key=lambda i: len(token_ids[i]))
             if len(token_ids[longest]) > self.max_model_len:
                 raise UserError(
                     f"prompt {longest} has {len(token_ids[longest])} tokens, more than "
                     f"--max_model_len {self.max_model_len}"
                 )
-        order = sorted(range(len(prompts)), key=lambda i: -len(token_ids[i]))
+        order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
         config = self._generation_config(max_new_tokens, temperature, top_p)
 
-        outputs: list[str | None] = [None] * len(prompts)
+        outputs: list[str | None] = [None] * len(token_ids)
         new_tokens = 0
         totals = {"batches": 0, "decode_steps": 0, "row_steps": 0, "prompt_tokens": 0, "padded_prompt_tokens": 0}
         devices = [self.device] if self.device.type == "cuda" else []
-        bar = tqdm(total=len(prompts), desc=desc, unit="prompt", dynamic_ncols=True)
+        bar = tqdm(total=len(token_ids), desc=desc, unit="prompt", dynamic_ncols=True)
         try:
             # fork_rng: seeding must not disturb the caller's global RNG stream.
             with torch.random.fork_rng(devices=devices), torch.inference_mode(), _quiet_generation():
@@ -513,8 +516,7 @@ class HFBackend(GenerationBackend):
                     bar.update(len(rows))
         finally:
             bar.close()
-        self._record(len(prompts), time.perf_counter() - start, new_tokens, **totals)
-        return outputs
+        return outputs, new_tokens, totals
 
     def _generate_batch(self, batch_ids, config, stop_at_newline: bool):
         import torch
@@ -874,24 +876,15 @@ class VLLMBackend(GenerationBackend):
             raise
         return rows
 
-    def generate(self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
-                 stop_at_newline=False, desc="generating"):
-        self._check_sampling(max_new_tokens, temperature, top_p)
-        prompts = list(prompts)
-        start = time.perf_counter()
-        if not prompts:
-            self._record(0, 0.0, 0)
-            return []
-        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        requests = self._requests(len(prompts), max_tokens=max_new_tokens, temperature=temperature,
+    def _generate_ids(self, prompt_ids, *, max_new_tokens, temperature, top_p, seed, stop_at_newline, desc):
+        requests = self._requests(len(prompt_ids), max_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, seed=seed, stop_at_newline=stop_at_newline)
         rows = self._generate_raw(prompt_ids, requests)
         texts = [row[0] for row in rows]
         new_tokens = sum(len(row[1]) for row in rows)
         if stop_at_newline:
             new_tokens += self._continue_after_leading_newlines(prompt_ids, requests, rows, texts)
-        self._record(len(prompts), time.perf_counter() - start, new_tokens)
-        return texts
+        return texts, new_tokens, {}
 
     def _continue_after_leading_newlines(self, prompt_ids, requests, rows, texts) -> int:
         """vLLM's stop string also fires on a leading newline; resume those rows.
