@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from pos2distill.cli_args import require_at_least  # noqa: E402
 from pos2distill.errors import UserError, run_cli  # noqa: E402
 
 SHOWN_MISMATCHES = 5
@@ -60,13 +61,10 @@ def parse_args(argv):
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--debug", action="store_true", help="full tracebacks")
     args = parser.parse_args(argv)
-    for flag in ("total_doc", "sample_num", "baseline_batch_size", "max_new_tokens", "max_prompt_length"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    require_at_least(args, {"--total_doc": 1, "--sample_num": 1, "--baseline_batch_size": 1, "--max_new_tokens": 1,
+                            "--max_prompt_length": 1, "--warmup_prompts": 0})
     if min(args.batch_size) < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.warmup_prompts < 0:
-        raise UserError(f"--warmup_prompts must be >= 0, got {args.warmup_prompts}")
     return args
 
 

@@ -31,6 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from kd.train_kd import parse_kd_coef  # noqa: E402
+from pos2distill.cli_args import require_at_least  # noqa: E402
 from pos2distill.errors import UserError, run_cli  # noqa: E402
 
 VARIANTS = ("ours", "naive")
@@ -84,21 +86,13 @@ def parse_args(argv):
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--debug", action="store_true", help="full tracebacks")
     args = parser.parse_args(argv)
-    for flag in ("total_doc", "prompt_len", "response_len", "copies_per_example", "steps"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    require_at_least(args, {"--total_doc": 1, "--prompt_len": 1, "--response_len": 1, "--copies_per_example": 1,
+                            "--steps": 1, "--warmup": 0})
     if min(args.micro_batch_sizes) < 1:
         raise UserError(f"--micro_batch_sizes must be at least 1, got {args.micro_batch_sizes}")
     if not 0 <= args.teacher_position < args.total_doc:
         raise UserError(f"--teacher_position {args.teacher_position} outside 0..{args.total_doc - 1}")
-    try:
-        args.kd_coef = [float(c) for c in args.kd_coef.split(",")]
-    except ValueError:
-        raise UserError(f"--kd_coef must be 4 comma-separated numbers, got {args.kd_coef!r}") from None
-    if len(args.kd_coef) != 4:
-        raise UserError(f"--kd_coef must be 4 comma-separated numbers, got {args.kd_coef}")
+    args.kd_coef = parse_kd_coef(args.kd_coef)
     return args
 
 

@@ -1,6 +1,10 @@
 """Flags shared by the stage scripts (spelled as in the reference scripts)."""
 
 import argparse
+import os
+import re
+
+from .errors import UserError
 
 
 def add_model_flags(parser: argparse.ArgumentParser, several_models: bool = False) -> None:
@@ -22,17 +26,12 @@ def add_model_flags(parser: argparse.ArgumentParser, several_models: bool = Fals
 
 def dataset_name_from_path(path: str) -> str:
     """nq-open-20_total_documents.jsonl.gz -> nq; kv-retrieval-75_keys -> kv; tqa_dev -> tqa."""
-    import os
-    import re
-
     base = os.path.basename(path)
     return re.split(r"[-_.]", base, maxsplit=1)[0] or "data"
 
 
 def require_at_least(args: argparse.Namespace, minimums: dict) -> None:
     """``{"--chunk_size": 1, "--max-new-tokens": 1}``: each flag, when given, must be at least its minimum."""
-    from .errors import UserError
-
     for flag, minimum in minimums.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None and value < minimum:
