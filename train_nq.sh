@@ -29,6 +29,14 @@ MAX_LEN=${MAX_LEN:-32000}
 EPOCHS=${EPOCHS:-1}
 MASTER_PORT=${MASTER_PORT:-6666}
 NUM_GPUS=${NUM_GPUS:-}                           # empty: every visible GPU (one process on CPU)
+ZERO_STAGE=${ZERO_STAGE:-3}
+# 7B/8B on 8 GPUs needs both (the reference setting); a 0.5B model on one GPU runs faster with 0.
+TEACHER_OFFLOAD=${TEACHER_OFFLOAD:-1}
+GRAD_CKPT=${GRAD_CKPT:-1}
+
+OPTIONAL=()
+if [ "$TEACHER_OFFLOAD" = 1 ]; then OPTIONAL+=(--teacher_offload); fi
+if [ "$GRAD_CKPT" = 1 ]; then OPTIONAL+=(--gradient_checkpointing); fi
 
 LAUNCH=(deepspeed --master_port "$MASTER_PORT")
 if [ -n "$NUM_GPUS" ]; then LAUNCH+=(--num_gpus "$NUM_GPUS"); fi
@@ -49,17 +57,16 @@ if [ -n "$NUM_GPUS" ]; then LAUNCH+=(--num_gpus "$NUM_GPUS"); fi
     --save_steps -1 \
     --logging_steps 1 \
     --eval_steps -1 \
-    --zero_stage 3 \
+    --zero_stage "$ZERO_STAGE" \
     --max_epochs "$EPOCHS" \
     --l2 0.01 \
     --bf16 \
     --flash_attn \
     --kd_coef "$KD_COEF" \
     --learning_rate "$LR" \
-    --teacher_offload \
     --apply_chat_template \
-    --gradient_checkpointing \
     --perserve "$PERSERVE" \
     --dataset_name "$DATASET_NAME" \
     --use_tensorboard "$TENSORBOARD" \
+    "${OPTIONAL[@]}" \
     "$@"

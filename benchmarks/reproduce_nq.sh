@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The reproduce experiment (docs/results.md) in steps that each fit one 10-minute GPU call.
+# Every step writes its figures under OUT_DIR and leaves its files in the working tree, so
+# the next step (a later call on the same warm machine) picks them up:
+#
+#   export MODEL=/root/models/Qwen2.5-Coder-0.5B-Instruct.gguf DATA=qa_data/nq-open-20_total_documents.jsonl.gz
+#   OUT_DIR=$OUT bash benchmarks/reproduce_nq.sh stage1          # advantageous-position answers
+#   OUT_DIR=$OUT bash benchmarks/reproduce_nq.sh eval base        # base model, EVAL_POSITIONS
+#   OUT_DIR=$OUT LR=1e-5 bash benchmarks/reproduce_nq.sh train p2d             # stage 2 + stage 3
+#   OUT_DIR=$OUT bash benchmarks/reproduce_nq.sh eval p2d         # the checkpoint, EVAL_POSITIONS
+#   OUT_DIR=$OUT KD_COEF=1,0,0,0 bash benchmarks/reproduce_nq.sh train kl       # ablation variants
+#   OUT_DIR=$OUT STRENGTHEN=0 bash benchmarks/reproduce_nq.sh train no_anchor
+#
+# Knobs (environment): TOTAL_DOC (20), GOLD_DOC (auto: probed; or an index), LIMIT (stage 1 on
+# the first N questions; empty: all but the held-out EVAL_NUM), NUM (400), K (4), STRENGTHEN (1),
+# KD_COEF (0,0,0,1), PERSERVE (1.0), LR (1e-5), EPOCHS (1), TRAIN_BATCH (32), MICRO_BATCH (32:
+# the adaptive loss's group statistics then cover the whole global batch, as 8 GPUs x 4 did),
+# EVAL_NUM (500), EVAL_POSITIONS (all), EVAL_BATCH (128), SEED (42).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${MODEL:?set MODEL}" "${DATA:?set DATA}"
+MODEL_NAME=${MODEL_NAME:-$(basename "$MODEL" .gguf)}
+OUT_DIR=${OUT_DIR:-bench_out}
+TOTAL_DOC=${TOTAL_DOC:-20}
+GOLD_DOC=${GOLD_DOC:-auto}
+LIMIT=${LIMIT:-}
+NUM=${NUM:-400}
+K=${K:-4}
+STRENGTHEN=${STRENGTHEN:-1}
+EVAL_NUM=${EVAL_NUM:-500}
+EVAL_POSITIONS=${EVAL_POSITIONS:-all}
+EVAL_BATCH=${EVAL_BATCH:-128}
+SEED=${SEED:-42}
+STEP=${1:?usage: reproduce_nq.sh stage1 | train NAME | eval NAME}
+mkdir -p "$OUT_DIR"
+dataset="${MODEL_NAME}_${TOTAL_DOC}total_docs_filter_${K}random_${STRENGTHEN}strengthen_${NUM}"
+
+case "$STEP" in
+stage1)
+    limit=()
+    if [ -n "$LIMIT" ]; then limit=(--limit "$LIMIT"); fi
+    /usr/bin/time -f "stage1 wall %e s" python gen_advantageous_pos_for_R1.py --input-path "$DATA" \
+        --model "$MODEL" --output-path raw_data --dataset_name nq --total_doc "$TOTAL_DOC" --gold_doc "$GOLD_DOC" \
+        --eval_holdout "$EVAL_NUM" --backend hf --batch_size "$EVAL_BATCH" --seed "$SEED" "${limit[@]}"
+    cp raw_data/nq/*.summary.json "$OUT_DIR"/
+    ;;
+train)
+    name=${2:?usage: reproduce_nq.sh train NAME}
+    python create_datasets.py --model_name "$MODEL_NAME" --dataset_name nq --total_doc "$TOTAL_DOC" \
+        --position_sample_num "$K" --strengthen "$STRENGTHEN" --example_num "$NUM" --seed "$SEED"
+    rm -rf "checkpoints/nq/$name"
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT_DIR/$name.gpu_mem.csv" &
+    poller=$!
+    start=$(date +%s.%N)
+    # One GPU: no teacher offload and micro-batch = global batch (see the header).
+    MODEL="$MODEL" MODEL_NAME="$MODEL_NAME" TOTAL_DOCS="$TOTAL_DOC" K="$K" STRENGTHEN="$STRENGTHEN" NUM="$NUM" \
+        LR="${LR:-1e-5}" EPOCHS="${EPOCHS:-1}" KD_COEF="${KD_COEF:-0.0,0.0,0.0,1.0}" PERSERVE="${PERSERVE:-1.0}" \
+        TRAIN_BATCH="${TRAIN_BATCH:-32}" MICRO_BATCH="${MICRO_BATCH:-32}" MAX_LEN="${MAX_LEN:-8192}" \
+        TEACHER_OFFLOAD=0 NUM_GPUS=1 SAVE_PATH="checkpoints/nq/$name" TENSORBOARD="$OUT_DIR/tb" \
+        bash train_nq.sh --seed "$SEED" 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$"
+    end=$(date +%s.%N)
+    kill "$poller"
+    ckpt=$(ls -d "checkpoints/nq/$name"/*_kd*)
+    cp "$ckpt/kd_args.json" "$OUT_DIR/$name.kd_args.json"
+    python - "$OUT_DIR/$name" "$start" "$end" <<'PY'
+import json, sys
+prefix, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+mem = [int(x) for x in open(f"{prefix}.gpu_mem.csv").read().split() if x.strip().isdigit()]
+stats = {"train_wall_s": round(end - start, 1), "peak_gpu_mem_mib": max(mem) if mem else None}
+json.dump(stats, open(f"{prefix}.train_stats.json", "w"), indent=1)
+print(stats)
+PY
+    ;;
+eval)
+    name=${2:?usage: reproduce_nq.sh eval NAME}
+    model=$MODEL
+    overlap=()
+    if [ "$name" != base ]; then
+        model=$(ls -d "checkpoints/nq/$name"/*_kd*)
+        overlap=(--train_dataset "data/$dataset")
+    fi
+    /usr/bin/time -f "eval wall %e s" python eval_data.py --input-path "$DATA" --model "$model" --label "$name" \
+        --dataset_name nq --output-path evaluate --total_doc "$TOTAL_DOC" --sample_num "$EVAL_NUM" \
+        --positions "$EVAL_POSITIONS" --backend hf --batch_size "$EVAL_BATCH" --seed "$SEED" "${overlap[@]}" \
+        2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$"
+    for f in evaluate/nq/"$name"/summary_"${TOTAL_DOC}"docs.*; do cp "$f" "$OUT_DIR/${name}_$(basename "$f")"; done
+    ;;
+*)
+    echo "error: unknown step $STEP (stage1 | train NAME | eval NAME)" >&2
+    exit 2
+    ;;
+esac
