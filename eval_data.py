@@ -37,6 +37,12 @@ def parse_args(argv):
                         help="stage-2 dataset folder or stage-1 file: warn if evaluated questions were trained on")
     parser.add_argument("--no_stop_at_newline", action="store_true",
                         help="generate the full answer (only the first line is scored either way)")
+    parser.add_argument("--positions_per_call", type=int, default=1,
+                        help="positions answered by one generate call (HF: larger mixed batches; "
+                             "each position is still saved, for resuming, once its call returns)")
+    parser.add_argument("--compact_finished", action="store_true",
+                        help="HF backend: finished rows leave the batch (greedy; same outputs up to bf16 "
+                             "rounding; docs/performance.md)")
     add_model_flags(parser, several_models=True)
     return parser.parse_args(argv)
 
@@ -59,6 +65,7 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
         "sample_num": args.sample_num, "positions": positions, "seed": args.seed, "instruction": instruction,
         "max_new_tokens": args.max_new_tokens, "stop_at_newline": not args.no_stop_at_newline,
         "backend": backend_name, "batch_size": args.batch_size,
+        "positions_per_call": args.positions_per_call, "compact_finished": args.compact_finished,
     }
     output = ChunkedOutput(predictions_path, config)
     stats = {"generated": 0, "seconds": 0.0}
@@ -67,12 +74,13 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
     else:
         with make_backend(args.backend, model_path, num_gpus=args.num_gpus, batch_size=args.batch_size,
                           max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed,
-                          need_chat_template=True) as backend:
+                          need_chat_template=True, compact_finished=args.compact_finished) as backend:
             print(f"== {label}: {len(examples)} examples x {len(positions)} positions, backend {backend.name}")
             _, stats = evaluate_positions(
                 backend, examples, example_ids, positions, seed=args.seed, max_new_tokens=args.max_new_tokens,
                 max_prompt_length=args.max_prompt_length, instruction=instruction,
                 stop_at_newline=not args.no_stop_at_newline, output=output,
+                positions_per_call=args.positions_per_call,
             )
     records = output.finalize(len(positions))
     summary = summarize(records, label, args.total_doc)
@@ -89,7 +97,7 @@ def main(argv):
     args = parse_args(argv)
     # Flags first: a typo must not surface after the first model's evaluation.
     backend_name, instruction = check_model_flags(args)
-    require_at_least(args, {"--total_doc": 1})
+    require_at_least(args, {"--total_doc": 1, "--positions_per_call": 1})
     if args.sample_num == 0 or args.sample_num < -1:
         raise UserError(f"--sample_num must be -1 (all) or at least 1, got {args.sample_num}")
     positions = parse_positions(args.positions, args.total_doc, "--positions")

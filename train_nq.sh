@@ -38,6 +38,10 @@ OPTIONAL=()
 if [ "$TEACHER_OFFLOAD" = 1 ]; then OPTIONAL+=(--teacher_offload); fi
 if [ "$GRAD_CKPT" = 1 ]; then OPTIONAL+=(--gradient_checkpointing); fi
 
+if ! command -v deepspeed > /dev/null; then
+    echo "error: the deepspeed launcher is not on PATH (scripts/setup.sh installs it; with pip --target, add its bin/)" >&2
+    exit 2
+fi
 LAUNCH=(deepspeed --master_port "$MASTER_PORT")
 if [ -n "$NUM_GPUS" ]; then LAUNCH+=(--num_gpus "$NUM_GPUS"); fi
 

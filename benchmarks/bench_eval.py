@@ -49,6 +49,8 @@ def parse_args(argv):
     parser.add_argument("--baseline_batch_size", type=int, default=64)
     parser.add_argument("--compact", choices=("off", "on", "both"), default="both",
                         help="measure the HF backend without / with compact_finished, or both")
+    parser.add_argument("--positions_per_call", type=int, default=1,
+                        help="positions per HF-backend call (eval_data.py --positions_per_call)")
     parser.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=100)
     parser.add_argument("--max_prompt_length", "--max-prompt-length", dest="max_prompt_length", type=int,
                         default=32768)
@@ -61,8 +63,9 @@ def parse_args(argv):
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--debug", action="store_true", help="full tracebacks")
     args = parser.parse_args(argv)
-    require_at_least(args, {"--total_doc": 1, "--sample_num": 1, "--baseline_batch_size": 1, "--max_new_tokens": 1,
-                            "--max_prompt_length": 1, "--warmup_prompts": 0})
+    require_at_least(args, {"--total_doc": 1, "--positions_per_call": 1, "--sample_num": 1,
+                            "--baseline_batch_size": 1, "--max_new_tokens": 1, "--max_prompt_length": 1,
+                            "--warmup_prompts": 0})
     if min(args.batch_size) < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     return args
@@ -181,23 +184,38 @@ def main(argv):
             run_ours(warm)
             run_baseline(warm)
 
-        runs = {}
+        group = args.positions_per_call
+        calls = [[it for items in per_position[i : i + group] for it in items]
+                 for i in range(0, len(per_position), group)]
+        runs, out_of_memory = {}, {}
         compact_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compact]
         for batch_size in args.batch_size:
             for compact in compact_modes:
                 backend.batch_size = batch_size
                 backend.compact_finished = compact
                 predictions, seconds, totals = [], 0.0, {}
-                for items in per_position:  # one call per position, as stage 4 makes
-                    _sync(device)
-                    began = time.perf_counter()
-                    predictions.extend(run_ours(items))
-                    _sync(device)
-                    seconds += time.perf_counter() - began
-                    for key in ("new_tokens", "decode_steps", "row_steps", "padded_prompt_tokens"):
-                        totals[key] = totals.get(key, 0) + backend.last_stats[key]
                 name = f"ours_bs{batch_size}" + ("_compact" if compact else "")
+                try:
+                    for items in calls:  # as stage 4 makes them
+                        _sync(device)
+                        began = time.perf_counter()
+                        predictions.extend(run_ours(items))
+                        _sync(device)
+                        seconds += time.perf_counter() - began
+                        for key in ("new_tokens", "decode_steps", "row_steps", "padded_prompt_tokens"):
+                            totals[key] = totals.get(key, 0) + backend.last_stats[key]
+                except (torch.cuda.OutOfMemoryError, UserError) as err:
+                    # A batch size too large for the GPU is a result too (the backend reports it
+                    # as a UserError); the other settings are still measured.
+                    if isinstance(err, UserError) and "out of memory" not in str(err):
+                        raise
+                    out_of_memory[name] = batch_size
+                    torch.cuda.empty_cache()
+                    print(f"{name}: out of GPU memory")
+                    continue
+                print(f"{name}: {len(predictions) / seconds:.2f} prompts/s")
                 runs[name] = {"method": "ours", "batch_size": batch_size, "compact_finished": compact,
+                              "positions_per_call": group,
                               "predictions": predictions, "seconds": seconds, **totals}
         predictions, seconds, new_tokens, padded, row_steps = [], 0.0, 0, 0, 0
         for items in per_position:
@@ -258,6 +276,7 @@ def main(argv):
             "prompt_tokens": {"min": min(lengths), "max": max(lengths), "mean": real / len(lengths)},
             "args": {k: v for k, v in vars(args).items() if k != "debug"},
             "runs": {name: {k: v for k, v in run.items() if k != "predictions"} for name, run in runs.items()},
+            "out_of_memory": out_of_memory,
         }
         write_text_atomic(args.output, json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.output}")

@@ -15,12 +15,24 @@
 # the first N questions; empty: all but the held-out EVAL_NUM), NUM (400), K (4), STRENGTHEN (1),
 # KD_COEF (0,0,0,1), PERSERVE (1.0), LR (1e-5), EPOCHS (1), TRAIN_BATCH (32), MICRO_BATCH (32:
 # the adaptive loss's group statistics then cover the whole global batch, as 8 GPUs x 4 did),
-# EVAL_NUM (500), EVAL_POSITIONS (all), EVAL_BATCH (128), SEED (42).
+# EVAL_NUM (500), EVAL_POSITIONS (all), EVAL_BATCH (256), POSITIONS_PER_CALL (4) and EVAL_COMPACT (1:
+# --compact_finished) for stage 4 (docs/performance.md: the HF backend pays ~50 ms per decoding
+# step whatever the batch, so larger mixed batches and compaction help), SEED (42), WORK_DIR
+# (where raw_data/, data/, checkpoints/ and evaluate/ go; default: the repository), NUM_GPUS (1).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 : "${MODEL:?set MODEL}" "${DATA:?set DATA}"
-MODEL_NAME=${MODEL_NAME:-$(basename "$MODEL" .gguf)}
+[ -f "$DATA" ] || { echo "error: DATA=$DATA does not exist (prepare_data.py nq writes it)" >&2; exit 2; }
+# Paths given relative to where the script was called from stay valid after the cd below.
+DATA=$(realpath "$DATA")
+if [ -e "$MODEL" ]; then MODEL=$(realpath "$MODEL"); fi
 OUT_DIR=${OUT_DIR:-bench_out}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(realpath "$OUT_DIR")
+WORK=${WORK_DIR:-$ROOT}  # raw_data/, data/, checkpoints/nq/, evaluate/ go here
+mkdir -p "$WORK"
+cd "$WORK"
+MODEL_NAME=${MODEL_NAME:-$(basename "$MODEL" .gguf)}
 TOTAL_DOC=${TOTAL_DOC:-20}
 GOLD_DOC=${GOLD_DOC:-auto}
 LIMIT=${LIMIT:-}
@@ -29,37 +41,45 @@ K=${K:-4}
 STRENGTHEN=${STRENGTHEN:-1}
 EVAL_NUM=${EVAL_NUM:-500}
 EVAL_POSITIONS=${EVAL_POSITIONS:-all}
-EVAL_BATCH=${EVAL_BATCH:-128}
+EVAL_BATCH=${EVAL_BATCH:-256}
+POSITIONS_PER_CALL=${POSITIONS_PER_CALL:-4}
+EVAL_COMPACT=${EVAL_COMPACT:-1}
 SEED=${SEED:-42}
 STEP=${1:?usage: reproduce_nq.sh stage1 | train NAME | eval NAME}
-mkdir -p "$OUT_DIR"
-dataset="${MODEL_NAME}_${TOTAL_DOC}total_docs_filter_${K}random_${STRENGTHEN}strengthen_${NUM}"
 
 case "$STEP" in
 stage1)
     limit=()
     if [ -n "$LIMIT" ]; then limit=(--limit "$LIMIT"); fi
-    /usr/bin/time -f "stage1 wall %e s" python gen_advantageous_pos_for_R1.py --input-path "$DATA" \
+    began=$SECONDS
+    python "$ROOT/gen_advantageous_pos_for_R1.py" --input-path "$DATA" \
         --model "$MODEL" --output-path raw_data --dataset_name nq --total_doc "$TOTAL_DOC" --gold_doc "$GOLD_DOC" \
-        --eval_holdout "$EVAL_NUM" --backend hf --batch_size "$EVAL_BATCH" --seed "$SEED" "${limit[@]}"
+        --eval_holdout "$EVAL_NUM" --backend hf --batch_size 128 --seed "$SEED" "${limit[@]}"
+    echo "stage1 wall $((SECONDS - began)) s"
     cp raw_data/nq/*.summary.json "$OUT_DIR"/
     ;;
 train)
     name=${2:?usage: reproduce_nq.sh train NAME}
-    python create_datasets.py --model_name "$MODEL_NAME" --dataset_name nq --total_doc "$TOTAL_DOC" \
-        --position_sample_num "$K" --strengthen "$STRENGTHEN" --example_num "$NUM" --seed "$SEED"
+    python "$ROOT/create_datasets.py" --model_name "$MODEL_NAME" --dataset_name nq --total_doc "$TOTAL_DOC" \
+        --position_sample_num "$K" --strengthen "$STRENGTHEN" --example_num "$NUM" --seed "$SEED" \
+        --raw_data_dir "$WORK/raw_data" --output_dir "$WORK/data"
     rm -rf "checkpoints/nq/$name"
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT_DIR/$name.gpu_mem.csv" &
-    poller=$!
+    : > "$OUT_DIR/$name.gpu_mem.csv"
+    if command -v nvidia-smi > /dev/null; then
+        # The poller must not outlive a failed step: it would hold the caller's pipes open.
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT_DIR/$name.gpu_mem.csv" 2>/dev/null &
+        poller=$!
+        trap 'kill "$poller" 2>/dev/null || true' EXIT
+    fi
     start=$(date +%s.%N)
     # One GPU: no teacher offload and micro-batch = global batch (see the header).
     MODEL="$MODEL" MODEL_NAME="$MODEL_NAME" TOTAL_DOCS="$TOTAL_DOC" K="$K" STRENGTHEN="$STRENGTHEN" NUM="$NUM" \
         LR="${LR:-1e-5}" EPOCHS="${EPOCHS:-1}" KD_COEF="${KD_COEF:-0.0,0.0,0.0,1.0}" PERSERVE="${PERSERVE:-1.0}" \
         TRAIN_BATCH="${TRAIN_BATCH:-32}" MICRO_BATCH="${MICRO_BATCH:-32}" MAX_LEN="${MAX_LEN:-8192}" \
-        TEACHER_OFFLOAD=0 NUM_GPUS=1 SAVE_PATH="checkpoints/nq/$name" TENSORBOARD="$OUT_DIR/tb" \
-        bash train_nq.sh --seed "$SEED" 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$"
+        TEACHER_OFFLOAD=0 NUM_GPUS="${NUM_GPUS:-1}" DATA_ROOT="$WORK/data" SAVE_PATH="$WORK/checkpoints/nq/$name" \
+        CKPT_PATH="$WORK/checkpoints/nq/$name/_deepspeed_ckpt" TENSORBOARD="$OUT_DIR/tb" \
+        bash "$ROOT/train_nq.sh" --seed "$SEED" 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$"
     end=$(date +%s.%N)
-    kill "$poller"
     ckpt=$(ls -d "checkpoints/nq/$name"/*_kd*)
     cp "$ckpt/kd_args.json" "$OUT_DIR/$name.kd_args.json"
     python - "$OUT_DIR/$name" "$start" "$end" <<'PY'
@@ -74,15 +94,20 @@ PY
 eval)
     name=${2:?usage: reproduce_nq.sh eval NAME}
     model=$MODEL
-    overlap=()
+    extra=()  # more eval_data.py flags
     if [ "$name" != base ]; then
         model=$(ls -d "checkpoints/nq/$name"/*_kd*)
-        overlap=(--train_dataset "data/$dataset")
+        # the checkpoint folder is named after its stage-2 dataset: warn about trained-on questions
+        extra=(--train_dataset "data/$(basename "$model" | sed 's/_kd[0-9.]*_lm.*//')")
     fi
-    /usr/bin/time -f "eval wall %e s" python eval_data.py --input-path "$DATA" --model "$model" --label "$name" \
+    if [ "$EVAL_COMPACT" = 1 ]; then extra+=(--compact_finished); fi
+    began=$SECONDS
+    python "$ROOT/eval_data.py" --input-path "$DATA" --model "$model" --label "$name" \
         --dataset_name nq --output-path evaluate --total_doc "$TOTAL_DOC" --sample_num "$EVAL_NUM" \
-        --positions "$EVAL_POSITIONS" --backend hf --batch_size "$EVAL_BATCH" --seed "$SEED" "${overlap[@]}" \
-        2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$"
+        --positions "$EVAL_POSITIONS" --positions_per_call "$POSITIONS_PER_CALL" --backend hf \
+        --batch_size "$EVAL_BATCH" --seed "$SEED" "${extra[@]}" \
+        2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "prompt/s\]$\|s/prompt\]$"
+    echo "eval wall $((SECONDS - began)) s"
     for f in evaluate/nq/"$name"/summary_"${TOTAL_DOC}"docs.*; do cp "$f" "$OUT_DIR/${name}_$(basename "$f")"; done
     ;;
 *)

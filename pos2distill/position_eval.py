@@ -79,37 +79,59 @@ def evaluate_positions(
     instruction: str = R1_INSTRUCTION,
     stop_at_newline: bool = True,
     output: ChunkedOutput | None = None,
+    positions_per_call: int = 1,
     log=print,
 ) -> tuple[list[dict], dict]:
     """Greedy answers at each position; one chunk per position when ``output`` resumes work.
 
+    ``positions_per_call`` positions share one ``backend.generate`` call: its batches then mix
+    positions, so they can be larger than the example count (the HF backend pays a fixed cost
+    per decoding step, whatever the batch). Chunks are still written per position, once the call
+    that answered them returns.
+
     Returns the records and ``{"generated": prompts answered in this call, "seconds": their time}``
     (resumed positions are not counted, so throughput stays honest).
     """
-    records, stats = [], {"generated": 0, "seconds": 0.0}
+    if positions_per_call < 1:
+        raise UserError(f"positions_per_call must be at least 1, got {positions_per_call}")
+    by_chunk: dict[int, list[dict]] = {}
+    stats = {"generated": 0, "seconds": 0.0}
+    pending = []
     for chunk, position in enumerate(positions):
         if output is not None and output.done(chunk):
-            records.extend(output.read_chunk(chunk))
+            by_chunk[chunk] = output.read_chunk(chunk)
             log(f"position {position:>3}: already done (resumed)")
-            continue
-        items = prompt_examples(backend.tokenizer, examples, example_ids, position, seed, instruction)
-        check_prompt_lengths(backend, [it.prompt for it in items], max_prompt_length, f"position {position}")
+        else:
+            pending.append((chunk, position))
+    for begin in range(0, len(pending), positions_per_call):
+        group = pending[begin : begin + positions_per_call]
+        items_per_chunk = []
+        for _, position in group:
+            items = prompt_examples(backend.tokenizer, examples, example_ids, position, seed, instruction)
+            check_prompt_lengths(backend, [it.prompt for it in items], max_prompt_length, f"position {position}")
+            items_per_chunk.append(items)
+        prompts = [it.prompt for items in items_per_chunk for it in items]
         started = time.perf_counter()
         predictions = backend.generate(
-            [it.prompt for it in items],
+            prompts,
             max_new_tokens=max_new_tokens,
             temperature=0.0,
             seed=seed,
             stop_at_newline=stop_at_newline,
-            desc=f"position {position}",
+            desc="position " + ",".join(str(position) for _, position in group),
         )
         seconds = time.perf_counter() - started
-        stats["generated"] += len(items)
+        stats["generated"] += len(prompts)
         stats["seconds"] += seconds
-        chunk_records = [prediction_record(it, p) for it, p in zip(items, predictions)]
-        if output is not None:
-            output.write_chunk(chunk, chunk_records)
-        records.extend(chunk_records)
-        accuracy = 100.0 * sum(r["correct"] for r in chunk_records) / max(len(chunk_records), 1)
-        log(f"position {position:>3}: accuracy {accuracy:5.1f}  ({len(items)} prompts, {len(items) / seconds:.1f} prompts/s)")
+        offset = 0
+        for (chunk, position), items in zip(group, items_per_chunk):
+            chunk_records = [prediction_record(it, p) for it, p in zip(items, predictions[offset:])]
+            offset += len(items)
+            if output is not None:
+                output.write_chunk(chunk, chunk_records)
+            by_chunk[chunk] = chunk_records
+            accuracy = 100.0 * sum(r["correct"] for r in chunk_records) / max(len(chunk_records), 1)
+            log(f"position {position:>3}: accuracy {accuracy:5.1f}  ({len(items)} prompts, "
+                f"{len(prompts) / seconds:.1f} prompts/s over {len(group)} position(s))")
+    records = [record for chunk in range(len(positions)) for record in by_chunk[chunk]]
     return records, stats

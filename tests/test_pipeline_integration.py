@@ -73,4 +73,11 @@ def test_stages_1_2_4(tmp_path, tiny_model):
     # greedy decoding of the same model twice gives the same curve
     assert summaries[0]["accuracy"] == summaries[1]["accuracy"]
     assert os.path.getsize(tmp_path / "evaluate" / "nq" / f"positions_{TOTAL}docs_base_vs_again.png") > 1000
+
+    # several positions per generate call, finished rows compacted: the same greedy answers (fp32 on CPU)
+    run("eval_data.py", "--input-path", data, "--model", tiny_model, "--label", "grouped", "--dataset_name", "nq",
+        "--output-path", tmp_path / "evaluate", "--total_doc", TOTAL, "--sample_num", 6, "--max-new-tokens", 12,
+        "--backend", "hf", "--positions_per_call", 3, "--compact_finished", "--batch_size", 8)
+    grouped = read_jsonl(str(tmp_path / "evaluate" / "nq" / "grouped" / f"predictions_{TOTAL}docs.jsonl.gz"))
+    assert grouped == predictions
     assert "avg" in out and "gap" in out

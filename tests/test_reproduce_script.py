@@ -1,0 +1,64 @@
+"""benchmarks/reproduce_nq.sh end to end on CPU with the tiny model: the GPU experiment's steps
+(stage 1, stage 2 + train_nq.sh, stage 4 of base and checkpoint) as the device runs them."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from pos2distill.jsonl import write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "reproduce_nq.sh")
+TOTAL = 3
+
+
+def record(i):
+    ctxs = [{"title": f"Gold {i}", "text": f"The answer to question {i} is e.", "isgold": True}]
+    ctxs += [{"title": f"Other {i}.{j}", "text": f"Unrelated passage {j}.", "isgold": False} for j in range(TOTAL - 1)]
+    return {"question": f"what is the answer to question {i}", "answers": ["e"], "ctxs": ctxs}
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def step(env, *args):
+    proc = subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, f"{args}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def test_reproduce_steps_on_cpu(tmp_path, tiny_model):
+    data = tmp_path / "nq-open-3_total_documents.jsonl.gz"
+    write_jsonl(str(data), [record(i) for i in range(14)])
+    out = tmp_path / "out"
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MODEL=tiny_model, DATA=str(data),
+        OUT_DIR=str(out), WORK_DIR=str(tmp_path / "work"), TOTAL_DOC=str(TOTAL), GOLD_DOC="0", LIMIT="6",
+        NUM="2", K="2", EVAL_NUM="4", EVAL_POSITIONS="all", EVAL_BATCH="8", POSITIONS_PER_CALL="2",
+        TRAIN_BATCH="2", MICRO_BATCH="2", MAX_LEN="2048", LR="1e-4", MASTER_PORT=str(free_port()),
+        # the deepspeed launcher of this interpreter's environment
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    )
+    assert "stage1 wall" in step(env, "stage1")
+    work = tmp_path / "work"
+    assert len(list((work / "raw_data" / "nq").glob("*.jsonl.gz"))) == 1
+
+    trained = step(env, "train", "p2d")
+    assert "0 optimizer steps skipped" in trained
+    [checkpoint] = (work / "checkpoints" / "nq" / "p2d").glob("*_kd0.0_lm0.0_rank0.0_adaptive1.0_1.0")
+    assert (checkpoint / "kd_args.json").is_file()
+    stats = json.loads((out / "p2d.train_stats.json").read_text())
+    assert stats["train_wall_s"] > 0
+
+    for name in ("base", "p2d"):
+        printed = step(env, "eval", name)
+        [summary] = json.loads((out / f"{name}_summary_{TOTAL}docs.json").read_text())
+        assert summary["positions"] == list(range(TOTAL)) and summary["n"] == {str(p): 4 for p in range(TOTAL)}
+    # the checkpoint's questions are the first 6, the evaluated ones the last 4: no overlap
+    assert "no overlap" in printed
+    assert not (tmp_path / "raw_data").exists() and not os.path.exists(os.path.join(ROOT, "checkpoints", "nq", "p2d"))
