@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import sys
+import time
 
 if __name__ == "__main__" and not __package__:
     # Run as a script (that is how the deepspeed launcher starts it): import the package
@@ -207,7 +208,16 @@ def check_data_order(saved, current: dict, ckpt_path: str) -> None:
 
 
 def train(args) -> None:
+    # Wall time per phase, printed as it goes: start-up cost is a large share of short runs.
+    clock = {"last": time.perf_counter()}
+
+    def lap() -> str:
+        now = time.perf_counter()
+        seconds, clock["last"] = now - clock["last"], now
+        return f"{seconds:.1f} s"
+
     dataset_path, rows, dataset = load_training_data(args)
+    data_time = lap()
 
     from transformers import get_scheduler
 
@@ -236,6 +246,7 @@ def train(args) -> None:
         )
     # The collate pads by itself; "left" is what the saved tokenizer should offer for generation.
     tokenizer = get_tokenizer(args.pretrain, model.model, "left", strategy, use_fast=not args.disable_fast_tokenizer)
+    strategy.print(f"timing: data {data_time}, student and teacher loaded in {lap()}")
 
     strategy.print(
         f"{dataset_path}: {len(dataset)} of {len(rows)} rows used; {dataset.dropped} dropped as longer than "
@@ -261,6 +272,7 @@ def train(args) -> None:
             gradient_checkpointing_kwargs={"use_reentrant": args.gradient_checkpointing_use_reentrant}
         )
     (model, optim, scheduler), teacher = strategy.prepare((model, optim, scheduler), teacher)
+    strategy.print(f"timing: optimizer and DeepSpeed engines ready in {lap()}")
 
     consumed_samples, skipped_steps = 0, 0
     # Saved with every DeepSpeed checkpoint (client state) and compared on resume.
@@ -276,6 +288,7 @@ def train(args) -> None:
 
     trainer = Pos2DistillTrainer(model, teacher, strategy, optim, dataloader, scheduler, tokenizer, args, skipped_steps)
     trainer.fit(args, consumed_samples, steps_per_epoch)
+    strategy.print(f"timing: training loop {lap()}")
 
     # Written under a temporary name and renamed: no half-written checkpoint under the final name.
     partial = f"{args.output_dir}.partial"
@@ -285,7 +298,7 @@ def train(args) -> None:
     if strategy.is_rank_0():
         write_text_atomic(os.path.join(partial, "kd_args.json"), json.dumps(vars(args), indent=2, sort_keys=True, default=str))
         replace_dir(partial, args.output_dir)
-    strategy.print(f"saved {args.output_dir} ({trainer.skipped_steps} optimizer steps skipped)")
+    strategy.print(f"saved {args.output_dir} in {lap()} ({trainer.skipped_steps} optimizer steps skipped)")
 
 
 def main(argv=None) -> int:

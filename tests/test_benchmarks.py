@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/bench_train.py and bench_eval.py on CPU with the tiny model.
+"""Smoke tests of benchmarks/bench_train.py, bench_eval.py and profile_generate.py on CPU with the tiny model.
 
 Benchmarks are not tests: these check only that the scripts run end to end and report
 what they promise (both variants, positive figures), never the timing values.
@@ -98,6 +98,34 @@ def test_bench_eval(tmp_path, tiny_model):
         assert len(ours["examples"]) == min(ours["score_mismatches"], 5)
     assert runs["ours_bs4_compact"]["compact_finished"] and not runs["ours_bs4"]["compact_finished"]
     assert "speed-up" in stdout
+
+
+def test_bench_eval_positions_per_call(tmp_path, tiny_model):
+    data = _nq_file(tmp_path / "nq-4.jsonl.gz")
+    out = tmp_path / "eval.json"
+    _run("bench_eval.py", "--data", data, "--model", tiny_model, "--device", "cpu", "--threads", "1",
+         "--total_doc", TOTAL, "--sample_num", 3, "--positions", "all", "--batch_size", 8, "--compact", "off",
+         "--positions_per_call", 2, "--max_new_tokens", 6, "--warmup_prompts", 0, "--output", out)
+    runs = json.loads(out.read_text())["runs"]
+    ours = runs["ours_bs8"]
+    assert ours["positions_per_call"] == 2 and ours["prompts"] == 3 * TOTAL
+    # 2 calls of 6 prompts, one batch each: every row of a call is decoded for that call's steps
+    assert ours["row_steps"] == 6 * ours["decode_steps"]
+
+
+def test_profile_generate(tmp_path, tiny_model):
+    data = _nq_file(tmp_path / "nq-4.jsonl.gz")
+    out = tmp_path / "profile.json"
+    stdout = _run("profile_generate.py", "--data", data, "--model", tiny_model, "--device", "cpu", "--total_doc", TOTAL,
+                  "--position", 1, "--batch_size", 3, "--max_new_tokens", 4, "--cache", "dynamic", "static",
+                  "--bucket", 64, "--repeats", 1, "--output", out)
+    report = json.loads(out.read_text())
+    assert report["batch"] == 3 and set(report["configs"]) == {"dynamic", "static"}
+    dynamic, static = report["configs"]["dynamic"], report["configs"]["static"]
+    assert static["width"] % 64 == 0 and static["width"] >= dynamic["width"] == report["longest_prompt"]
+    for entry in (dynamic, static):
+        assert entry["full_s"] > 0 and entry["prefill_s"] > 0 and entry["top_self_cpu_ms"]
+    assert "per decoding step" in stdout
 
 
 def _load_benchmark(name):

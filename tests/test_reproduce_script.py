@@ -50,6 +50,7 @@ def test_reproduce_steps_on_cpu(tmp_path, tiny_model):
 
     trained = step(env, "train", "p2d")
     assert "0 optimizer steps skipped" in trained
+    assert "student and teacher loaded in" in trained and "timing: training loop" in trained
     [checkpoint] = (work / "checkpoints" / "nq" / "p2d").glob("*_kd0.0_lm0.0_rank0.0_adaptive1.0_1.0")
     assert (checkpoint / "kd_args.json").is_file()
     stats = json.loads((out / "p2d.train_stats.json").read_text())

@@ -1,0 +1,149 @@
+"""Where one stage-4 generation batch spends its time: prefill vs per-step decoding, and the
+top operators of a profiled run (host and device), for the HF backend's model.
+
+Each decoding step is forced (``min_new_tokens = max_new_tokens``, no stop), so the per-step
+time is (full - prefill-only) / (steps - 1). ``--cache static`` uses transformers' static KV
+cache, which on CUDA makes ``generate`` compile the decoding step (CUDA graphs); prompt widths
+are then padded up to a multiple of ``--bucket`` so that few shapes are compiled. Every
+configuration runs ``--repeats`` times and the last run is reported (the first pays for
+compilation and kernel selection).
+
+    python benchmarks/profile_generate.py --model Qwen2.5-Coder-0.5B-Instruct.gguf \\
+        --data qa_data/nq-open-20_total_documents.jsonl.gz --batch_size 128 --cache dynamic static
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from pos2distill.cli_args import require_at_least  # noqa: E402
+from pos2distill.errors import UserError, run_cli  # noqa: E402
+
+TOP_OPS = 12
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct",
+                        help="folder, hub id, .gguf file or SmolLM2-135M-Instruct (embedded)")
+    parser.add_argument("--data", "--input-path", dest="data", required=True, help="evaluation file")
+    parser.add_argument("--total_doc", type=int, default=20)
+    parser.add_argument("--position", type=int, default=9, help="gold position of the prompts")
+    parser.add_argument("--batch_size", type=int, default=128, help="prompts in the batch (the last ones of the file)")
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="decoding steps, all forced")
+    parser.add_argument("--cache", nargs="+", choices=("dynamic", "static"), default=["dynamic"])
+    parser.add_argument("--bucket", type=int, default=256, help="static cache: pad prompt widths to a multiple")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no_profile", action="store_true", help="timings only")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    parser.add_argument("--output", default=None, help="JSON report")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks")
+    args = parser.parse_args(argv)
+    require_at_least(args, {"--total_doc": 1, "--position": 0, "--batch_size": 1, "--max_new_tokens": 2,
+                            "--bucket": 1, "--repeats": 1})
+    if args.position >= args.total_doc:
+        raise UserError(f"--position must be below --total_doc {args.total_doc}, got {args.position}")
+    return args
+
+
+def padded_batch(token_ids, pad_id, width, device):
+    import torch
+
+    input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(token_ids), width), dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids):] = 1
+    return input_ids.to(device), attention.to(device)
+
+
+def top_ops(profiler, key):
+    rows = []
+    for event in sorted(profiler.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:TOP_OPS]:
+        rows.append({"name": event.key, "calls": event.count, "ms": getattr(event, key) / 1e3})
+    return rows
+
+
+def main(argv):
+    args = parse_args(argv)
+    import torch
+    from transformers import GenerationConfig
+
+    from pos2distill.formats import load_examples
+    from pos2distill.generation import make_backend
+    from pos2distill.jsonl import write_text_atomic
+    from pos2distill.position_eval import prompt_examples
+
+    examples = load_examples(args.data, total_doc=args.total_doc)
+    if not examples:
+        raise UserError(f"{args.data}: no examples")
+    first = max(0, len(examples) - args.batch_size)
+    backend = make_backend("hf", args.model, num_gpus=0 if args.device == "cpu" else None, need_chat_template=True)
+    device, model = backend.device, backend.model
+    items = prompt_examples(backend.tokenizer, examples[first:], list(range(first, len(examples))), args.position, 0)
+    token_ids = backend._token_ids([it.prompt for it in items])
+    longest = max(len(ids) for ids in token_ids)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def run(input_ids, attention, new_tokens, cache):
+        config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  pad_token_id=backend.pad_id, eos_token_id=backend.eos_ids, num_beams=1)
+        if cache == "static":
+            config.cache_implementation = "static"
+        sync()
+        began = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+        sync()
+        return time.perf_counter() - began
+
+    report = {"model": model.name_or_path, "device": str(device), "batch": len(token_ids), "longest_prompt": longest,
+              "mean_prompt": sum(map(len, token_ids)) / len(token_ids), "max_new_tokens": args.max_new_tokens,
+              "configs": {}}
+    print(f"{len(token_ids)} prompts of up to {longest} tokens on {device}")
+    for cache in args.cache:
+        width = longest if cache == "dynamic" else -(-longest // args.bucket) * args.bucket
+        input_ids, attention = padded_batch(token_ids, backend.pad_id, width, device)
+        for _ in range(args.repeats):
+            prefill = run(input_ids, attention, 1, cache)
+            full = run(input_ids, attention, args.max_new_tokens, cache)
+        step_ms = 1e3 * (full - prefill) / (args.max_new_tokens - 1)
+        entry = {"width": width, "prefill_s": prefill, "full_s": full, "decode_step_ms": step_ms,
+                 "decode_step_ms_per_row": step_ms / len(token_ids)}
+        print(f"{cache:>7} cache, width {width}: prefill {prefill:.3f} s, {args.max_new_tokens} tokens "
+              f"{full:.3f} s -> {step_ms:.1f} ms per decoding step ({entry['decode_step_ms_per_row']:.3f} ms per row)")
+        if not args.no_profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                wall = run(input_ids, attention, args.max_new_tokens, cache)
+            entry["profiled_wall_s"] = wall
+            entry["top_self_cpu_ms"] = top_ops(prof, "self_cpu_time_total")
+            if device.type == "cuda":
+                entry["top_self_device_ms"] = top_ops(prof, "self_device_time_total")
+                busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+                entry["device_busy_s"] = busy
+                print(f"  profiled: wall {wall:.3f} s, device kernels {busy:.3f} s ({100 * busy / wall:.0f}% busy)")
+            for key, what in (("top_self_device_ms", "device"), ("top_self_cpu_ms", "host")):
+                for row in entry.get(key, [])[:8]:
+                    print(f"  {what:<6} {row['ms']:>9.1f} ms  {row['calls']:>6} calls  {row['name'][:70]}")
+        report["configs"][cache] = entry
+    backend.close()
+    if args.output:
+        write_text_atomic(args.output, json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
