@@ -1,4 +1,4 @@
-"""benchmarks/reproduce_nq.sh end to end on CPU with the tiny model: the GPU experiment's steps
+"""benchmarks/reproduce.sh end to end on CPU with the tiny model: the GPU experiment's steps
 (stage 1, stage 2 + train_nq.sh, stage 4 of base and checkpoint) as the device runs them."""
 
 import json
@@ -10,7 +10,7 @@ import sys
 from pos2distill.jsonl import write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "reproduce_nq.sh")
+SCRIPT = os.path.join(ROOT, "benchmarks", "reproduce.sh")
 TOTAL = 3
 
 
@@ -58,8 +58,17 @@ def test_reproduce_steps_on_cpu(tmp_path, tiny_model):
 
     for name in ("base", "p2d"):
         printed = step(env, "eval", name)
-        [summary] = json.loads((out / f"{name}_summary_{TOTAL}docs.json").read_text())
+        [summary] = json.loads((out / f"{name}_nq_summary_{TOTAL}docs.json").read_text())
         assert summary["positions"] == list(range(TOTAL)) and summary["n"] == {str(p): 4 for p in range(TOTAL)}
     # the checkpoint's questions are the first 6, the evaluated ones the last 4: no overlap
     assert "no overlap" in printed
+
+    # cross-task: the NQ-trained checkpoint on KV retrieval
+    kv = tmp_path / "kv-retrieval-3_keys.jsonl.gz"
+    subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "kv", "--num_keys", "3",
+                    "--num_examples", "5", "--output", str(kv)], check=True, capture_output=True)
+    kv_env = dict(env, DATASET_NAME="kv", DATA=str(kv), CKPT_DATASET="nq", EVAL_POSITIONS="0,last")
+    step(kv_env, "eval", "p2d")
+    [summary] = json.loads((out / f"p2d_kv_summary_{TOTAL}docs.json").read_text())
+    assert summary["positions"] == [0, TOTAL - 1] and "checkpoints/nq/p2d" in summary["model"]
     assert not (tmp_path / "raw_data").exists() and not os.path.exists(os.path.join(ROOT, "checkpoints", "nq", "p2d"))

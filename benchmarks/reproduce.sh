@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
 # The reproduce experiment (docs/results.md) in steps that each fit one 10-minute GPU call.
+# Outputs under OUT_DIR: stage 1's summary, NAME.train_stats.json / NAME.kd_args.json /
+# NAME.gpu_mem.csv per training, NAME_DATASET_summary_Kdocs.{json,csv,md} per evaluation.
 # Every step writes its figures under OUT_DIR and leaves its files in the working tree, so
 # the next step (a later call on the same warm machine) picks them up:
 #
 #   export MODEL=/root/models/Qwen2.5-Coder-0.5B-Instruct.gguf DATA=qa_data/nq-open-20_total_documents.jsonl.gz
-#   OUT_DIR=$OUT bash benchmarks/reproduce_nq.sh stage1          # advantageous-position answers
-#   OUT_DIR=$OUT bash benchmarks/reproduce_nq.sh eval base        # base model, EVAL_POSITIONS
-#   OUT_DIR=$OUT LR=1e-5 bash benchmarks/reproduce_nq.sh train p2d             # stage 2 + stage 3
-#   OUT_DIR=$OUT bash benchmarks/reproduce_nq.sh eval p2d         # the checkpoint, EVAL_POSITIONS
-#   OUT_DIR=$OUT KD_COEF=1,0,0,0 bash benchmarks/reproduce_nq.sh train kl       # ablation variants
-#   OUT_DIR=$OUT STRENGTHEN=0 bash benchmarks/reproduce_nq.sh train no_anchor
+#   OUT_DIR=$OUT bash benchmarks/reproduce.sh stage1          # advantageous-position answers
+#   OUT_DIR=$OUT bash benchmarks/reproduce.sh eval base        # base model, EVAL_POSITIONS
+#   OUT_DIR=$OUT LR=1e-5 bash benchmarks/reproduce.sh train p2d             # stage 2 + stage 3
+#   OUT_DIR=$OUT bash benchmarks/reproduce.sh eval p2d         # the checkpoint, EVAL_POSITIONS
+#   OUT_DIR=$OUT KD_COEF=1,0,0,0 bash benchmarks/reproduce.sh train kl       # ablation variants
+#   OUT_DIR=$OUT STRENGTHEN=0 bash benchmarks/reproduce.sh train no_anchor
+#   OUT_DIR=$OUT DATASET_NAME=kv DATA=kv_data/kv-retrieval-75_keys.jsonl.gz TOTAL_DOC=75 \
+#       CKPT_DATASET=nq bash benchmarks/reproduce.sh eval p2d     # the NQ-trained checkpoint on KV
 #
-# Knobs (environment): TOTAL_DOC (20), GOLD_DOC (auto: probed; or an index), LIMIT (stage 1 on
-# the first N questions; empty: all but the held-out EVAL_NUM), NUM (400), K (4), STRENGTHEN (1),
-# KD_COEF (0,0,0,1), PERSERVE (1.0), LR (1e-5), EPOCHS (1), TRAIN_BATCH (32), MICRO_BATCH (32:
-# the adaptive loss's group statistics then cover the whole global batch, as 8 GPUs x 4 did),
-# EVAL_NUM (500), EVAL_POSITIONS (all), EVAL_BATCH (256), POSITIONS_PER_CALL (4) and EVAL_COMPACT (1:
-# --compact_finished) for stage 4 (docs/performance.md: the HF backend pays ~50 ms per decoding
-# step whatever the batch, so larger mixed batches and compaction help), SEED (42), WORK_DIR
-# (where raw_data/, data/, checkpoints/ and evaluate/ go; default: the repository), NUM_GPUS (1).
+# Knobs (environment):
+# - data: DATASET_NAME (nq; kv, tqa, ...: names the folders), TOTAL_DOC (20), SEED (42);
+# - stage 1: GOLD_DOC (auto: probed; or an index), LIMIT (the first N questions only; empty:
+#   all but the held-out EVAL_NUM);
+# - stage 2: NUM (400), K (4), STRENGTHEN (1);
+# - stage 3: KD_COEF (0,0,0,1), PERSERVE (1.0), LR (1e-5), EPOCHS (1), TRAIN_BATCH (32),
+#   MICRO_BATCH (32: the adaptive loss's group statistics then cover the whole global batch, as
+#   8 GPUs x 4 did), MAX_LEN (8192), NUM_GPUS (1);
+# - stage 4: EVAL_NUM (500), EVAL_POSITIONS (all), EVAL_BATCH (256), POSITIONS_PER_CALL (4),
+#   EVAL_COMPACT (1: --compact_finished) — docs/performance.md: the HF backend pays ~50 ms per
+#   decoding step whatever the batch, so larger mixed batches and compaction help; CKPT_DATASET
+#   (the dataset a checkpoint was trained on, for cross-task evaluation);
+# - WORK_DIR: where raw_data/, data/, checkpoints/ and evaluate/ go (default: the repository).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 : "${MODEL:?set MODEL}" "${DATA:?set DATA}"
@@ -29,10 +38,12 @@ if [ -e "$MODEL" ]; then MODEL=$(realpath "$MODEL"); fi
 OUT_DIR=${OUT_DIR:-bench_out}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(realpath "$OUT_DIR")
-WORK=${WORK_DIR:-$ROOT}  # raw_data/, data/, checkpoints/nq/, evaluate/ go here
+WORK=${WORK_DIR:-$ROOT}  # raw_data/, data/, checkpoints/, evaluate/ go here
 mkdir -p "$WORK"
 cd "$WORK"
 MODEL_NAME=${MODEL_NAME:-$(basename "$MODEL" .gguf)}
+DS=${DATASET_NAME:-nq}
+CKPT_DATASET=${CKPT_DATASET:-$DS}  # eval: the dataset the checkpoint NAME was trained on
 TOTAL_DOC=${TOTAL_DOC:-20}
 GOLD_DOC=${GOLD_DOC:-auto}
 LIMIT=${LIMIT:-}
@@ -45,7 +56,7 @@ EVAL_BATCH=${EVAL_BATCH:-256}
 POSITIONS_PER_CALL=${POSITIONS_PER_CALL:-4}
 EVAL_COMPACT=${EVAL_COMPACT:-1}
 SEED=${SEED:-42}
-STEP=${1:?usage: reproduce_nq.sh stage1 | train NAME | eval NAME}
+STEP=${1:?usage: reproduce.sh stage1 | train NAME | eval NAME}
 
 case "$STEP" in
 stage1)
@@ -53,17 +64,17 @@ stage1)
     if [ -n "$LIMIT" ]; then limit=(--limit "$LIMIT"); fi
     began=$SECONDS
     python "$ROOT/gen_advantageous_pos_for_R1.py" --input-path "$DATA" \
-        --model "$MODEL" --output-path raw_data --dataset_name nq --total_doc "$TOTAL_DOC" --gold_doc "$GOLD_DOC" \
+        --model "$MODEL" --output-path raw_data --dataset_name "$DS" --total_doc "$TOTAL_DOC" --gold_doc "$GOLD_DOC" \
         --eval_holdout "$EVAL_NUM" --backend hf --batch_size 128 --seed "$SEED" "${limit[@]}"
     echo "stage1 wall $((SECONDS - began)) s"
-    cp raw_data/nq/*.summary.json "$OUT_DIR"/
+    cp raw_data/"$DS"/*.summary.json "$OUT_DIR"/
     ;;
 train)
-    name=${2:?usage: reproduce_nq.sh train NAME}
-    python "$ROOT/create_datasets.py" --model_name "$MODEL_NAME" --dataset_name nq --total_doc "$TOTAL_DOC" \
+    name=${2:?usage: reproduce.sh train NAME}
+    python "$ROOT/create_datasets.py" --model_name "$MODEL_NAME" --dataset_name "$DS" --total_doc "$TOTAL_DOC" \
         --position_sample_num "$K" --strengthen "$STRENGTHEN" --example_num "$NUM" --seed "$SEED" \
         --raw_data_dir "$WORK/raw_data" --output_dir "$WORK/data"
-    rm -rf "checkpoints/nq/$name"
+    rm -rf "checkpoints/$DS/$name"
     : > "$OUT_DIR/$name.gpu_mem.csv"
     if command -v nvidia-smi > /dev/null; then
         # The poller must not outlive a failed step: it would hold the caller's pipes open.
@@ -76,11 +87,11 @@ train)
     MODEL="$MODEL" MODEL_NAME="$MODEL_NAME" TOTAL_DOCS="$TOTAL_DOC" K="$K" STRENGTHEN="$STRENGTHEN" NUM="$NUM" \
         LR="${LR:-1e-5}" EPOCHS="${EPOCHS:-1}" KD_COEF="${KD_COEF:-0.0,0.0,0.0,1.0}" PERSERVE="${PERSERVE:-1.0}" \
         TRAIN_BATCH="${TRAIN_BATCH:-32}" MICRO_BATCH="${MICRO_BATCH:-32}" MAX_LEN="${MAX_LEN:-8192}" \
-        TEACHER_OFFLOAD=0 NUM_GPUS="${NUM_GPUS:-1}" DATA_ROOT="$WORK/data" SAVE_PATH="$WORK/checkpoints/nq/$name" \
-        CKPT_PATH="$WORK/checkpoints/nq/$name/_deepspeed_ckpt" TENSORBOARD="$OUT_DIR/tb" \
+        TEACHER_OFFLOAD=0 NUM_GPUS="${NUM_GPUS:-1}" DATA_ROOT="$WORK/data" SAVE_PATH="$WORK/checkpoints/$DS/$name" DATASET_NAME="$DS" \
+        CKPT_PATH="$WORK/checkpoints/$DS/$name/_deepspeed_ckpt" TENSORBOARD="$OUT_DIR/tb" \
         bash "$ROOT/train_nq.sh" --seed "$SEED" 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$"
     end=$(date +%s.%N)
-    ckpt=$(ls -d "checkpoints/nq/$name"/*_kd*)
+    ckpt=$(ls -d "checkpoints/$DS/$name"/*_kd*)
     cp "$ckpt/kd_args.json" "$OUT_DIR/$name.kd_args.json"
     python - "$OUT_DIR/$name" "$start" "$end" <<'PY'
 import json, sys
@@ -92,23 +103,23 @@ print(stats)
 PY
     ;;
 eval)
-    name=${2:?usage: reproduce_nq.sh eval NAME}
+    name=${2:?usage: reproduce.sh eval NAME}
     model=$MODEL
     extra=()  # more eval_data.py flags
     if [ "$name" != base ]; then
-        model=$(ls -d "checkpoints/nq/$name"/*_kd*)
+        model=$(ls -d "checkpoints/$CKPT_DATASET/$name"/*_kd*)
         # the checkpoint folder is named after its stage-2 dataset: warn about trained-on questions
         extra=(--train_dataset "data/$(basename "$model" | sed 's/_kd[0-9.]*_lm.*//')")
     fi
     if [ "$EVAL_COMPACT" = 1 ]; then extra+=(--compact_finished); fi
     began=$SECONDS
     python "$ROOT/eval_data.py" --input-path "$DATA" --model "$model" --label "$name" \
-        --dataset_name nq --output-path evaluate --total_doc "$TOTAL_DOC" --sample_num "$EVAL_NUM" \
+        --dataset_name "$DS" --output-path evaluate --total_doc "$TOTAL_DOC" --sample_num "$EVAL_NUM" \
         --positions "$EVAL_POSITIONS" --positions_per_call "$POSITIONS_PER_CALL" --backend hf \
         --batch_size "$EVAL_BATCH" --seed "$SEED" "${extra[@]}" \
         2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "prompt/s\]$\|s/prompt\]$"
     echo "eval wall $((SECONDS - began)) s"
-    for f in evaluate/nq/"$name"/summary_"${TOTAL_DOC}"docs.*; do cp "$f" "$OUT_DIR/${name}_$(basename "$f")"; done
+    for f in evaluate/"$DS"/"$name"/summary_"${TOTAL_DOC}"docs.*; do cp "$f" "$OUT_DIR/${name}_${DS}_$(basename "$f")"; done
     ;;
 *)
     echo "error: unknown step $STEP (stage1 | train NAME | eval NAME)" >&2
