@@ -38,11 +38,12 @@ def parse_args(argv):
     parser.add_argument("--no_stop_at_newline", action="store_true",
                         help="generate the full answer (only the first line is scored either way)")
     parser.add_argument("--positions_per_call", type=int, default=1,
-                        help="positions answered by one generate call (HF: larger mixed batches; "
-                             "each position is still saved, for resuming, once its call returns)")
+                        help="positions answered by one generate call (HF: larger mixed batches; each "
+                             "position is saved for resuming once its call returns; as with --batch_size, "
+                             "a resumed run must use the same value)")
     parser.add_argument("--compact_finished", action="store_true",
                         help="HF backend: finished rows leave the batch (greedy; same outputs up to bf16 "
-                             "rounding; docs/performance.md)")
+                             "rounding; docs/performance.md); ignored by vLLM")
     add_model_flags(parser, several_models=True)
     return parser.parse_args(argv)
 
@@ -59,13 +60,14 @@ def warn_training_overlap(train_dataset: str, examples) -> None:
 def evaluate_model(args, model_path, label, examples, example_ids, positions, dataset, backend_name, instruction):
     out_dir = os.path.join(args.output_path, dataset, label)
     predictions_path = os.path.join(out_dir, f"predictions_{args.total_doc}docs.jsonl.gz")
+    compact = args.compact_finished and backend_name == "hf"  # vLLM schedules rows itself
     # Everything that changes the predictions; any change starts the chunks (one per position) over.
     config = {
         "stage": "eval", "model": model_path, "input": file_identity(args.input_path), "total_doc": args.total_doc,
         "sample_num": args.sample_num, "positions": positions, "seed": args.seed, "instruction": instruction,
         "max_new_tokens": args.max_new_tokens, "stop_at_newline": not args.no_stop_at_newline,
         "backend": backend_name, "batch_size": args.batch_size,
-        "positions_per_call": args.positions_per_call, "compact_finished": args.compact_finished,
+        "positions_per_call": args.positions_per_call, "compact_finished": compact,
     }
     output = ChunkedOutput(predictions_path, config)
     stats = {"generated": 0, "seconds": 0.0}
@@ -74,7 +76,7 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
     else:
         with make_backend(args.backend, model_path, num_gpus=args.num_gpus, batch_size=args.batch_size,
                           max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed,
-                          need_chat_template=True, compact_finished=args.compact_finished) as backend:
+                          need_chat_template=True, compact_finished=compact) as backend:
             print(f"== {label}: {len(examples)} examples x {len(positions)} positions, backend {backend.name}")
             _, stats = evaluate_positions(
                 backend, examples, example_ids, positions, seed=args.seed, max_new_tokens=args.max_new_tokens,

@@ -21,8 +21,9 @@
 #   all but the held-out EVAL_NUM);
 # - stage 2: NUM (400), K (4), STRENGTHEN (1);
 # - stage 3: KD_COEF (0,0,0,1), PERSERVE (1.0), LR (1e-5), EPOCHS (1), TRAIN_BATCH (32),
-#   MICRO_BATCH (32: the adaptive loss's group statistics then cover the whole global batch, as
-#   8 GPUs x 4 did), MAX_LEN (8192), NUM_GPUS (1);
+#   NUM_GPUS (1), MICRO_BATCH (TRAIN_BATCH / NUM_GPUS: the adaptive loss's group statistics then
+#   cover the whole global batch, as 8 GPUs x 4 did), MAX_LEN (8192); train_nq.sh's own knobs
+#   (GRAD_CKPT, ZERO_STAGE, ...) pass through the environment;
 # - stage 4: EVAL_NUM (500), EVAL_POSITIONS (all), EVAL_BATCH (256), POSITIONS_PER_CALL (4),
 #   EVAL_COMPACT (1: --compact_finished) — docs/performance.md: the HF backend pays ~50 ms per
 #   decoding step whatever the batch, so larger mixed batches and compaction help; CKPT_DATASET
@@ -34,14 +35,16 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 [ -f "$DATA" ] || { echo "error: DATA=$DATA does not exist (prepare_data.py nq writes it)" >&2; exit 2; }
 # Paths given relative to where the script was called from stay valid after the cd below.
 DATA=$(realpath "$DATA")
-if [ -e "$MODEL" ]; then MODEL=$(realpath "$MODEL"); fi
+if [ -e "$MODEL" ]; then MODEL=$(realpath -s "$MODEL"); fi  # -s: a symlinked .gguf keeps its name
 OUT_DIR=${OUT_DIR:-bench_out}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(realpath "$OUT_DIR")
 WORK=${WORK_DIR:-$ROOT}  # raw_data/, data/, checkpoints/, evaluate/ go here
 mkdir -p "$WORK"
 cd "$WORK"
-MODEL_NAME=${MODEL_NAME:-$(basename "$MODEL" .gguf)}
+# The name stage 1 puts in its file name (pos2distill.models.model_name: GGUF quant suffixes dropped).
+MODEL_NAME=${MODEL_NAME:-$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" python -c \
+    'import sys; from pos2distill.models import model_name; print(model_name(sys.argv[1]))' "$MODEL")}
 DS=${DATASET_NAME:-nq}
 CKPT_DATASET=${CKPT_DATASET:-$DS}  # eval: the dataset the checkpoint NAME was trained on
 TOTAL_DOC=${TOTAL_DOC:-20}
@@ -57,6 +60,16 @@ POSITIONS_PER_CALL=${POSITIONS_PER_CALL:-4}
 EVAL_COMPACT=${EVAL_COMPACT:-1}
 SEED=${SEED:-42}
 STEP=${1:?usage: reproduce.sh stage1 | train NAME | eval NAME}
+
+checkpoint() {  # the one saved Hugging Face folder of run $2 trained on dataset $1
+    local found
+    found=$(find "checkpoints/$1/$2" -mindepth 1 -maxdepth 1 -type d -name '*_kd*' ! -name '*.partial' 2>/dev/null)
+    if [ -z "$found" ] || [ "$(printf '%s\n' "$found" | wc -l)" -ne 1 ]; then
+        echo "error: expected one finished checkpoint under checkpoints/$1/$2, found: ${found:-none}" >&2
+        exit 2
+    fi
+    printf '%s\n' "$found"
+}
 
 case "$STEP" in
 stage1)
@@ -83,15 +96,16 @@ train)
         trap 'kill "$poller" 2>/dev/null || true' EXIT
     fi
     start=$(date +%s.%N)
-    # One GPU: no teacher offload and micro-batch = global batch (see the header).
+    # No teacher offload; micro-batch x GPUs = global batch (see the header).
+    train_batch=${TRAIN_BATCH:-32}
     MODEL="$MODEL" MODEL_NAME="$MODEL_NAME" TOTAL_DOCS="$TOTAL_DOC" K="$K" STRENGTHEN="$STRENGTHEN" NUM="$NUM" \
         LR="${LR:-1e-5}" EPOCHS="${EPOCHS:-1}" KD_COEF="${KD_COEF:-0.0,0.0,0.0,1.0}" PERSERVE="${PERSERVE:-1.0}" \
-        TRAIN_BATCH="${TRAIN_BATCH:-32}" MICRO_BATCH="${MICRO_BATCH:-32}" MAX_LEN="${MAX_LEN:-8192}" \
+        TRAIN_BATCH="$train_batch" MICRO_BATCH="${MICRO_BATCH:-$((train_batch / ${NUM_GPUS:-1}))}" MAX_LEN="${MAX_LEN:-8192}" \
         TEACHER_OFFLOAD=0 NUM_GPUS="${NUM_GPUS:-1}" DATA_ROOT="$WORK/data" SAVE_PATH="$WORK/checkpoints/$DS/$name" DATASET_NAME="$DS" \
         CKPT_PATH="$WORK/checkpoints/$DS/$name/_deepspeed_ckpt" TENSORBOARD="$OUT_DIR/tb" \
         bash "$ROOT/train_nq.sh" --seed "$SEED" 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$"
     end=$(date +%s.%N)
-    ckpt=$(ls -d "checkpoints/$DS/$name"/*_kd*)
+    ckpt=$(checkpoint "$DS" "$name")
     cp "$ckpt/kd_args.json" "$OUT_DIR/$name.kd_args.json"
     python - "$OUT_DIR/$name" "$start" "$end" <<'PY'
 import json, sys
@@ -107,7 +121,7 @@ eval)
     model=$MODEL
     extra=()  # more eval_data.py flags
     if [ "$name" != base ]; then
-        model=$(ls -d "checkpoints/$CKPT_DATASET/$name"/*_kd*)
+        model=$(checkpoint "$CKPT_DATASET" "$name")
         # the checkpoint folder is named after its stage-2 dataset: warn about trained-on questions
         extra=(--train_dataset "data/$(basename "$model" | sed 's/_kd[0-9.]*_lm.*//')")
     fi
