@@ -76,6 +76,9 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median reported)")
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both models (dynamic shapes; the warm-up steps pay for compilation), "
+                             "to measure what fusing the element-wise work would give")
     parser.add_argument("--kd_coef", default="0,0,0,1", help="kd,lm,rank,adaptive weights (kd/losses.py)")
     parser.add_argument("--learning_rate", type=float, default=1e-6)
     parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
@@ -565,6 +568,9 @@ def main(argv):
     if student.config.vocab_size != teacher.config.vocab_size:
         raise UserError("the teacher's vocabulary differs from the student's")
     counts = {"student": non_embedding_params(student), "teacher": non_embedding_params(teacher)}
+    if args.compile:
+        # attributes (config, heads) still reach the wrapped model through the compiled wrapper
+        student, teacher = torch.compile(student, dynamic=True), torch.compile(teacher, dynamic=True)
     # fused AdamW keeps the optimizer step one kernel launch on GPUs, as DeepSpeed's FusedAdam does
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
     objective = DistillationLoss(args.kd_coef)
@@ -579,7 +585,8 @@ def main(argv):
     prompt_lengths = [len(it["student_ids"]) - it["response_len"] for it in items]
 
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"dtype {str(dtype).replace('torch.', '')}, gradient checkpointing {args.gradient_checkpointing}")
+          f"dtype {str(dtype).replace('torch.', '')}, gradient checkpointing {args.gradient_checkpointing}, "
+          f"compiled {args.compile}")
     print(f"peak: {_fmt(peak, '.0f')} TFLOP/s ({peak_source})")
     print(f"student {student_path}: N = {counts['student'] / 1e6:.1f}M non-embedding parameters; "
           f"teacher {teacher_path}: N = {counts['teacher'] / 1e6:.1f}M")

@@ -3,7 +3,8 @@
 #   MODEL=/root/models/Qwen2.5-Coder-0.5B-Instruct.gguf DATA=qa_data/nq-open-20_total_documents.jsonl.gz \
 #   OUT_DIR=$OUT bash benchmarks/perf_gpu.sh [train|eval|all]
 # Knobs: TOTAL_DOC (20), MICRO ("1 2 4 8"), GC (1: gradient checkpointing, as train_nq.sh; 0: off; both: two runs),
-# EVAL_NUM (500), POSITIONS (0,9,19), BATCHES ("64 128"), COMPACT (both|on|off), PEAK_TFLOPS.
+# COMPILE (1: torch.compile both models), EVAL_NUM (500), POSITIONS (0,9,19), BATCHES ("64 128"),
+# COMPACT (both|on|off), PEAK_TFLOPS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${MODEL:?set MODEL}" "${DATA:?set DATA}"
@@ -16,17 +17,19 @@ POSITIONS=${POSITIONS:-0,9,19}
 BATCHES=${BATCHES:-"64 128"}
 COMPACT=${COMPACT:-both}
 WHAT=${1:-all}
-PEAK=()
-if [ -n "${PEAK_TFLOPS:-}" ]; then PEAK=(--peak_tflops "$PEAK_TFLOPS"); fi
+TRAIN_EXTRA=()
+if [ -n "${PEAK_TFLOPS:-}" ]; then TRAIN_EXTRA=(--peak_tflops "$PEAK_TFLOPS"); fi
+if [ "${COMPILE:-0}" = 1 ]; then TRAIN_EXTRA+=(--compile); fi
 mkdir -p "$OUT_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/gpu.txt" || true
 
 train() {  # $1: 1 with gradient checkpointing, 0 without
     local flag=() tag=nogc
     if [ "$1" = 1 ]; then flag=(--gradient_checkpointing); tag=gc; fi
+    if [ "${COMPILE:-0}" = 1 ]; then tag=${tag}_compiled; fi
     # shellcheck disable=SC2086  # MICRO is a list of numbers
     python benchmarks/bench_train.py --model "$MODEL" --data "$DATA" --total_doc "$TOTAL_DOC" --micro_batch_sizes $MICRO \
-        "${flag[@]}" "${PEAK[@]}" --output "$OUT_DIR/bench_train_$tag.json" 2>&1 | tee "$OUT_DIR/bench_train_$tag.log"
+        "${flag[@]}" "${TRAIN_EXTRA[@]}" --output "$OUT_DIR/bench_train_$tag.json" 2>&1 | tee "$OUT_DIR/bench_train_$tag.log"
 }
 
 if [ "$WHAT" = train ] || [ "$WHAT" = all ]; then
