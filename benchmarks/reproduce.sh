@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The reproduce experiment (docs/results.md) in steps that each fit one 10-minute GPU call.
 # Outputs under OUT_DIR: stage 1's summary, NAME.train_stats.json / NAME.kd_args.json /
-# NAME.gpu_mem.csv per training, NAME_DATASET_summary_Kdocs.{json,csv,md} per evaluation.
+# NAME.gpu_mem.csv per training, NAME_DATASET_summary_Kdocs.{json,csv,md} and
+# NAME_DATASET_predictions_Kdocs.jsonl.gz per evaluation.
 # Every step writes its figures under OUT_DIR and leaves its files in the working tree, so
 # the next step (a later call on the same warm machine) picks them up:
 #
@@ -133,7 +134,10 @@ eval)
         --batch_size "$EVAL_BATCH" --seed "$SEED" "${extra[@]}" \
         2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "prompt/s\]$\|s/prompt\]$"
     echo "eval wall $((SECONDS - began)) s"
-    for f in evaluate/"$DS"/"$name"/summary_"${TOTAL_DOC}"docs.*; do cp "$f" "$OUT_DIR/${name}_${DS}_$(basename "$f")"; done
+    # predictions too: compare_predictions.py needs them for paired tests (base vs trained, repeats)
+    for f in evaluate/"$DS"/"$name"/summary_"${TOTAL_DOC}"docs.* evaluate/"$DS"/"$name"/predictions_"${TOTAL_DOC}"docs.jsonl.gz; do
+        cp "$f" "$OUT_DIR/${name}_${DS}_$(basename "$f")"
+    done
     ;;
 *)
     echo "error: unknown step $STEP (stage1 | train NAME | eval NAME)" >&2

@@ -71,4 +71,5 @@ def test_reproduce_steps_on_cpu(tmp_path, tiny_model):
     step(kv_env, "eval", "p2d")
     [summary] = json.loads((out / f"p2d_kv_summary_{TOTAL}docs.json").read_text())
     assert summary["positions"] == [0, TOTAL - 1] and "checkpoints/nq/p2d" in summary["model"]
+    assert (out / f"p2d_kv_predictions_{TOTAL}docs.jsonl.gz").is_file()
     assert not (tmp_path / "raw_data").exists() and not os.path.exists(os.path.join(ROOT, "checkpoints", "nq", "p2d"))

@@ -1,0 +1,45 @@
+"""Paired comparison of two stage-4 prediction files (same questions and positions).
+
+    python compare_predictions.py evaluate/nq/base/predictions_20docs.jsonl.gz \\
+        evaluate/nq/p2d/predictions_20docs.jsonl.gz --label base p2d --output evaluate/nq/base_vs_p2d
+
+Per position: both accuracies, the change with a 95% interval for paired proportions and
+McNemar's exact p-value; for the average over positions, a 95% interval from the per-example
+changes. Use it for "did training change position 0?" and "does a repeat run reproduce?".
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from pos2distill.errors import UserError, run_cli
+from pos2distill.jsonl import read_jsonl, write_text_atomic
+from pos2distill.paired import compare_runs, comparison_table
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_a", help="predictions_{k}docs.jsonl.gz of the reference run (e.g. base)")
+    parser.add_argument("run_b", help="predictions of the run compared with it")
+    parser.add_argument("--label", nargs=2, default=["A", "B"], metavar=("A", "B"))
+    parser.add_argument("--output", default=None, help="write OUTPUT.md and OUTPUT.json")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    runs = []
+    for path in (args.run_a, args.run_b):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such file")
+        runs.append(read_jsonl(path))
+    result = compare_runs(runs[0], runs[1], *args.label)
+    table = comparison_table(result)
+    print(table, end="")
+    if args.output:
+        write_text_atomic(args.output + ".md", table)
+        write_text_atomic(args.output + ".json", json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.output}.md and {args.output}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
