@@ -3,8 +3,9 @@ top operators of a profiled run (host and device), for the HF backend's model.
 
 Each decoding step is forced (``min_new_tokens = max_new_tokens``, no stop), so the per-step
 time is (full - prefill-only) / (steps - 1). ``--cache static`` uses transformers' static KV
-cache, which on CUDA makes ``generate`` compile the decoding step (CUDA graphs); prompt widths
-are then padded up to a multiple of ``--bucket`` so that few shapes are compiled. Every
+cache, which on CUDA makes ``generate`` compile the decoding step (CUDA graphs);
+``static_eager`` the same cache without compiling (no per-step copy of a growing cache). Prompt
+widths are then padded up to a multiple of ``--bucket`` so that few shapes are compiled. Every
 configuration runs ``--repeats`` times and the last run is reported (the first pays for
 compilation and kernel selection).
 
@@ -37,7 +38,8 @@ def parse_args(argv):
     parser.add_argument("--position", type=int, default=9, help="gold position of the prompts")
     parser.add_argument("--batch_size", type=int, default=128, help="prompts in the batch (the last ones of the file)")
     parser.add_argument("--max_new_tokens", type=int, default=32, help="decoding steps, all forced")
-    parser.add_argument("--cache", nargs="+", choices=("dynamic", "static"), default=["dynamic"])
+    parser.add_argument("--cache", nargs="+", choices=("dynamic", "static", "static_eager"), default=["dynamic"],
+                        help="static_eager: the static cache without compilation (separates the two effects)")
     parser.add_argument("--bucket", type=int, default=256, help="static cache: pad prompt widths to a multiple")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no_profile", action="store_true", help="timings only")
@@ -104,8 +106,9 @@ def main(argv):
     def run(input_ids, attention, new_tokens, cache):
         config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                   pad_token_id=backend.pad_id, eos_token_id=backend.eos_ids, num_beams=1)
-        if cache == "static":
+        if cache.startswith("static"):
             config.cache_implementation = "static"
+            config.disable_compile = cache == "static_eager"
         sync()
         began = time.perf_counter()
         with torch.inference_mode():
@@ -118,7 +121,7 @@ def main(argv):
               "configs": {}}
     print(f"{len(token_ids)} prompts of up to {longest} tokens on {device}")
     for cache in args.cache:
-        width = longest if cache == "dynamic" else -(-longest // args.bucket) * args.bucket
+        width = longest if cache == "dynamic" else -(-longest // args.bucket) * args.bucket  # static: bucketed
         input_ids, attention = padded_batch(token_ids, backend.pad_id, width, device)
         first_full = None
         for _ in range(args.repeats):

@@ -117,10 +117,10 @@ def test_profile_generate(tmp_path, tiny_model):
     data = _nq_file(tmp_path / "nq-4.jsonl.gz")
     out = tmp_path / "profile.json"
     stdout = _run("profile_generate.py", "--data", data, "--model", tiny_model, "--device", "cpu", "--total_doc", TOTAL,
-                  "--position", 1, "--batch_size", 3, "--max_new_tokens", 4, "--cache", "dynamic", "static",
+                  "--position", 1, "--batch_size", 3, "--max_new_tokens", 4, "--cache", "dynamic", "static", "static_eager",
                   "--bucket", 64, "--repeats", 1, "--output", out)
     report = json.loads(out.read_text())
-    assert report["batch"] == 3 and set(report["configs"]) == {"dynamic", "static"}
+    assert report["batch"] == 3 and set(report["configs"]) == {"dynamic", "static", "static_eager"}
     dynamic, static = report["configs"]["dynamic"], report["configs"]["static"]
     assert static["width"] % 64 == 0 and static["width"] >= dynamic["width"] == report["longest_prompt"]
     for entry in (dynamic, static):
