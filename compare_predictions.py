@@ -10,10 +10,9 @@ changes. Use it for "did training change position 0?" and "does a repeat run rep
 
 import argparse
 import json
-import os
 import sys
 
-from pos2distill.errors import UserError, run_cli
+from pos2distill.errors import run_cli
 from pos2distill.jsonl import read_jsonl, write_text_atomic
 from pos2distill.paired import compare_runs, comparison_table
 
@@ -26,12 +25,8 @@ def main(argv):
     parser.add_argument("--output", default=None, help="write OUTPUT.md and OUTPUT.json")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    runs = []
-    for path in (args.run_a, args.run_b):
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: no such file")
-        runs.append(read_jsonl(path))
-    result = compare_runs(runs[0], runs[1], *args.label)
+    # read_jsonl reports a missing file or a bad line in one line itself
+    result = compare_runs(read_jsonl(args.run_a), read_jsonl(args.run_b), *args.label)
     table = comparison_table(result)
     print(table, end="")
     if args.output:

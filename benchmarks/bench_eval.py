@@ -205,9 +205,9 @@ def main(argv):
                         for key in ("new_tokens", "decode_steps", "row_steps", "padded_prompt_tokens"):
                             totals[key] = totals.get(key, 0) + backend.last_stats[key]
                 except (torch.cuda.OutOfMemoryError, UserError) as err:
-                    # A batch size too large for the GPU is a result too (the backend reports it
-                    # as a UserError); the other settings are still measured.
-                    if isinstance(err, UserError) and "out of memory" not in str(err):
+                    # A batch size too large for the GPU is a result too (the backend re-raises it
+                    # as a UserError from the OutOfMemoryError); the other settings are still measured.
+                    if isinstance(err, UserError) and not isinstance(err.__cause__, torch.OutOfMemoryError):
                         raise
                     out_of_memory[name] = batch_size
                     torch.cuda.empty_cache()

@@ -54,17 +54,6 @@ def parse_args(argv):
     return args
 
 
-def padded_batch(token_ids, pad_id, width, device):
-    import torch
-
-    input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(token_ids), width), dtype=torch.long)
-    for row, ids in enumerate(token_ids):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention[row, width - len(ids):] = 1
-    return input_ids.to(device), attention.to(device)
-
-
 def kernel_events(profiler):
     """The device-side events only: a CPU operator's device time repeats its kernels' time."""
     from torch.autograd import DeviceType
@@ -85,7 +74,7 @@ def main(argv):
     from transformers import GenerationConfig
 
     from pos2distill.formats import load_examples
-    from pos2distill.generation import make_backend
+    from pos2distill.generation import left_padded, make_backend
     from pos2distill.jsonl import write_text_atomic
     from pos2distill.position_eval import prompt_examples
 
@@ -122,7 +111,7 @@ def main(argv):
     print(f"{len(token_ids)} prompts of up to {longest} tokens on {device}")
     for cache in args.cache:
         width = longest if cache == "dynamic" else -(-longest // args.bucket) * args.bucket  # static: bucketed
-        input_ids, attention = padded_batch(token_ids, backend.pad_id, width, device)
+        input_ids, attention = left_padded(token_ids, backend.pad_id, width, device)
         first_full = None
         for _ in range(args.repeats):
             prefill = run(input_ids, attention, 1, cache)

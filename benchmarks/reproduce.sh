@@ -60,6 +60,9 @@ EVAL_BATCH=${EVAL_BATCH:-256}
 POSITIONS_PER_CALL=${POSITIONS_PER_CALL:-4}
 EVAL_COMPACT=${EVAL_COMPACT:-1}
 SEED=${SEED:-42}
+NUM_GPUS=${NUM_GPUS:-1}
+TRAIN_BATCH=${TRAIN_BATCH:-32}
+MICRO_BATCH=${MICRO_BATCH:-$((TRAIN_BATCH / NUM_GPUS))}  # micro-batch x GPUs = global batch (header)
 STEP=${1:?usage: reproduce.sh stage1 | train NAME | eval NAME}
 
 checkpoint() {  # the one saved Hugging Face folder of run $2 trained on dataset $1
@@ -97,12 +100,11 @@ train)
         trap 'kill "$poller" 2>/dev/null || true' EXIT
     fi
     start=$(date +%s.%N)
-    # No teacher offload; micro-batch x GPUs = global batch (see the header).
-    train_batch=${TRAIN_BATCH:-32}
+    # The teacher stays on the GPU (no offload).
     MODEL="$MODEL" MODEL_NAME="$MODEL_NAME" TOTAL_DOCS="$TOTAL_DOC" K="$K" STRENGTHEN="$STRENGTHEN" NUM="$NUM" \
         LR="${LR:-1e-5}" EPOCHS="${EPOCHS:-1}" KD_COEF="${KD_COEF:-0.0,0.0,0.0,1.0}" PERSERVE="${PERSERVE:-1.0}" \
-        TRAIN_BATCH="$train_batch" MICRO_BATCH="${MICRO_BATCH:-$((train_batch / ${NUM_GPUS:-1}))}" MAX_LEN="${MAX_LEN:-8192}" \
-        TEACHER_OFFLOAD=0 NUM_GPUS="${NUM_GPUS:-1}" DATA_ROOT="$WORK/data" SAVE_PATH="$WORK/checkpoints/$DS/$name" DATASET_NAME="$DS" \
+        TRAIN_BATCH="$TRAIN_BATCH" MICRO_BATCH="$MICRO_BATCH" MAX_LEN="${MAX_LEN:-8192}" \
+        TEACHER_OFFLOAD=0 NUM_GPUS="$NUM_GPUS" DATA_ROOT="$WORK/data" SAVE_PATH="$WORK/checkpoints/$DS/$name" DATASET_NAME="$DS" \
         CKPT_PATH="$WORK/checkpoints/$DS/$name/_deepspeed_ckpt" TENSORBOARD="$OUT_DIR/tb" \
         bash "$ROOT/train_nq.sh" --seed "$SEED" 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$"
     end=$(date +%s.%N)

@@ -209,11 +209,12 @@ def check_data_order(saved, current: dict, ckpt_path: str) -> None:
 
 def train(args) -> None:
     # Wall time per phase, printed as it goes: start-up cost is a large share of short runs.
-    clock = {"last": time.perf_counter()}
+    last = time.perf_counter()
 
     def lap() -> str:
+        nonlocal last
         now = time.perf_counter()
-        seconds, clock["last"] = now - clock["last"], now
+        seconds, last = now - last, now
         return f"{seconds:.1f} s"
 
     dataset_path, rows, dataset = load_training_data(args)

@@ -219,6 +219,8 @@ class GenerationBackend:
             token_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
             stop_at_newline=stop_at_newline, desc=desc,
         )
+        if len(texts) != len(prompts):  # callers zip answers with prompts; a short list would misalign them
+            raise RuntimeError(f"{self.name} backend answered {len(texts)} of {len(prompts)} prompts")
         self._record(len(prompts), time.perf_counter() - start, new_tokens, **extra)
         return texts
 
@@ -257,6 +259,20 @@ class GenerationBackend:
 
 
 # --------------------------------------------------------------------------- Hugging Face
+
+
+def left_padded(token_ids: list[list[int]], pad_id: int, width: int, device):
+    """(input_ids, attention_mask) of shape [rows, width] on ``device``, padded on the left so
+    that every prompt ends at the same column (where generation continues)."""
+    import torch
+
+    input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(token_ids), width), dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        if ids:
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+    return input_ids.to(device), attention.to(device)
 
 
 def newline_token_table(tokenizer, vocab_size: int | None = None):
@@ -522,13 +538,7 @@ class HFBackend(GenerationBackend):
         import torch
 
         width = max(len(ids) for ids in batch_ids)
-        input_ids = torch.full((len(batch_ids), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch_ids), width), dtype=torch.long)
-        for row, ids in enumerate(batch_ids):  # left padding: prompts end at the same column
-            if ids:
-                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention[row, width - len(ids) :] = 1
-        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        input_ids, attention = left_padded(batch_ids, self.pad_id, width, self.device)
         stats = {"batches": 1, "prompt_tokens": sum(len(ids) for ids in batch_ids),
                  "padded_prompt_tokens": input_ids.numel()}
         try:

@@ -550,3 +550,18 @@ def test_vllm_errors(fake_vllm, tiny_model, monkeypatch):
     assert all(not p.is_alive() for p in multiprocessing.active_children())
     with pytest.raises(RuntimeError, match="fake init failure"):
         make_backend("vllm", tiny_model, num_gpus=1)  # in this process
+
+
+def test_generate_rejects_a_backend_that_drops_answers():
+    class Dropping(GenerationBackend):
+        name = "dropping"
+
+        def __init__(self):
+            super().__init__()
+            self.tokenizer = lambda prompts, add_special_tokens=False: {"input_ids": [[1] for _ in prompts]}
+
+        def _generate_ids(self, token_ids, **kwargs):
+            return ["only one"], 1, {}
+
+    with pytest.raises(RuntimeError, match="answered 1 of 2 prompts"):
+        Dropping().generate(["a", "b"], max_new_tokens=4)
