@@ -1,5 +1,6 @@
 """benchmarks/reproduce.sh end to end on CPU with the tiny model: the GPU experiment's steps
-(stage 1, stage 2 + train_nq.sh, stage 4 of base and checkpoint) as the device runs them."""
+(stage 1, stage 2 + train_nq.sh, stage 4 of base and checkpoint) as the device runs them,
+through reproduce_lanes.sh (training and evaluation overlapping)."""
 
 import json
 import os
@@ -11,6 +12,7 @@ from pos2distill.jsonl import write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "reproduce.sh")
+LANES = os.path.join(ROOT, "benchmarks", "reproduce_lanes.sh")
 TOTAL = 3
 
 
@@ -44,22 +46,29 @@ def test_reproduce_steps_on_cpu(tmp_path, tiny_model):
         # the deepspeed launcher of this interpreter's environment
         PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
     )
-    assert "stage1 wall" in step(env, "stage1")
+    # both lanes: stage 1, then training; base evaluated meanwhile, the checkpoint once trained
+    env["LR"] = "1e-3"  # overridden by the variant's own LR below
+    proc = subprocess.run(["bash", LANES, "p2d:LR=1e-4 K=2"], capture_output=True, text=True, env=env, timeout=900)
+    lanes_log = (out / "lanes.log").read_text()
+    assert proc.returncode == 0, lanes_log + "".join((out / f).read_text()[-3000:] for f in os.listdir(out) if f.endswith(".log"))
+    for entry in ("stage1 rc=0", "p2d.train rc=0", "base.eval rc=0", "p2d.eval rc=0", "lanes done status=0"):
+        assert entry in lanes_log
+    assert "stage1 wall" in (out / "stage1.log").read_text()
     work = tmp_path / "work"
     assert len(list((work / "raw_data" / "nq").glob("*.jsonl.gz"))) == 1
 
-    trained = step(env, "train", "p2d")
+    trained = (out / "p2d.train.log").read_text()
     assert "0 optimizer steps skipped" in trained
     assert "student and teacher loaded in" in trained and "timing: training loop" in trained
     [checkpoint] = (work / "checkpoints" / "nq" / "p2d").glob("*_kd0.0_lm0.0_rank0.0_adaptive1.0_1.0")
-    assert (checkpoint / "kd_args.json").is_file()
+    assert json.loads((checkpoint / "kd_args.json").read_text())["learning_rate"] == 1e-4  # the variant's LR
     stats = json.loads((out / "p2d.train_stats.json").read_text())
     assert stats["train_wall_s"] > 0
 
     for name in ("base", "p2d"):
-        printed = step(env, "eval", name)
         [summary] = json.loads((out / f"{name}_nq_summary_{TOTAL}docs.json").read_text())
         assert summary["positions"] == list(range(TOTAL)) and summary["n"] == {str(p): 4 for p in range(TOTAL)}
+    printed = (out / "p2d.eval.log").read_text()
     # the checkpoint's questions are the first 6, the evaluated ones the last 4: no overlap
     assert "no overlap" in printed
 

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# reproduce.sh's steps for several variants on ONE GPU, in two lanes that overlap:
+#   training lane: stage 1 (unless SKIP_STAGE1=1), then `train NAME` for each variant in turn;
+#   eval lane:     `eval base` (unless SKIP_BASE=1), then `eval NAME` as soon as NAME's training
+#                  has finished.
+# Stage-4 decoding leaves the GPU partly idle, so an evaluation costs little time beside a
+# training (a 0.5B model and its teacher use ~52 GiB at micro-batch 32; an evaluation at batch
+# 256 fits beside it on an 80 GiB GPU).
+#
+#   OUT_DIR=$OUT LIMIT=1200 GOLD_DOC=0 bash benchmarks/reproduce_lanes.sh \
+#       "p2d:LR=5e-6" "kl:LR=5e-6 KD_COEF=1,0,0,0" "no_anchor:LR=5e-6 STRENGTHEN=0"
+#
+# A variant is NAME or NAME:VAR=VALUE VAR=VALUE ... (environment for that step only, on top of
+# the caller's, which reproduce.sh reads). Logs: OUT_DIR/stage1.log, OUT_DIR/NAME.train.log,
+# OUT_DIR/NAME.eval.log; OUT_DIR/lanes.log says when each step ended and how. A failed training
+# skips that variant's evaluation; the other variants go on. Exit status: 0 when every step
+# succeeded. The script returns when both lanes are done; on the device tool start it with
+# setsid in the background and poll OUT_DIR/lanes.log for "lanes done".
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+OUT_DIR=${OUT_DIR:-bench_out}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(realpath "$OUT_DIR")
+export OUT_DIR
+[ "$#" -ge 1 ] || { echo "usage: reproduce_lanes.sh NAME[:VAR=VALUE ...] ..." >&2; exit 2; }
+names=()
+for variant in "$@"; do
+    name=${variant%%:*}
+    case "$name" in
+    '' | base | *[!A-Za-z0-9._-]*) echo "error: bad variant name '$name' in '$variant'" >&2; exit 2 ;;
+    esac
+    names+=("$name")
+done
+
+log() { echo "$(date +%H:%M:%S) $*" >> "$OUT_DIR/lanes.log"; }
+
+run_step() {  # run_step LOGNAME "VAR=VALUE ..." reproduce.sh-args...: one step, its end logged
+    local logname=$1 vars=$2 began=$SECONDS rc
+    shift 2
+    # word splitting of $vars is wanted: VAR=VALUE pairs without spaces inside
+    # shellcheck disable=SC2086
+    env $vars bash "$HERE/reproduce.sh" "$@" > "$OUT_DIR/$logname.log" 2>&1
+    rc=$?
+    log "$logname rc=$rc $((SECONDS - began)) s"
+    return $rc
+}
+
+vars_of() {  # the VAR=VALUE part of variant $1
+    case "$1" in *:*) printf '%s' "${1#*:}" ;; *) printf '' ;; esac
+}
+
+: > "$OUT_DIR/lanes.log"
+for name in "${names[@]}"; do  # markers of an earlier run would start an evaluation too early
+    rm -f "$OUT_DIR/$name.train_stats.json" "$OUT_DIR/$name.train_failed"
+done
+status=0
+(
+    failed=0
+    if [ "${SKIP_STAGE1:-0}" != 1 ]; then
+        run_step stage1 "" stage1 || { log "stage 1 failed: no training"; for n in "${names[@]}"; do touch "$OUT_DIR/$n.train_failed"; done; exit 1; }
+    fi
+    for variant in "$@"; do
+        name=${variant%%:*}
+        if ! run_step "$name.train" "$(vars_of "$variant")" train "$name"; then
+            touch "$OUT_DIR/$name.train_failed"
+            failed=1
+        fi
+    done
+    exit $failed
+) &
+train_lane=$!
+(
+    failed=0
+    if [ "${SKIP_BASE:-0}" != 1 ]; then
+        run_step base.eval "" eval base || failed=1
+    fi
+    for variant in "$@"; do
+        name=${variant%%:*}
+        # reproduce.sh writes NAME.train_stats.json once the checkpoint is saved
+        while [ ! -e "$OUT_DIR/$name.train_stats.json" ] && [ ! -e "$OUT_DIR/$name.train_failed" ]; do sleep 5; done
+        if [ -e "$OUT_DIR/$name.train_failed" ]; then
+            log "$name: training failed, not evaluated"
+            failed=1
+            continue
+        fi
+        run_step "$name.eval" "$(vars_of "$variant")" eval "$name" || failed=1
+    done
+    exit $failed
+) &
+eval_lane=$!
+wait "$train_lane" || status=1
+wait "$eval_lane" || status=1
+log "lanes done status=$status"
+exit $status
