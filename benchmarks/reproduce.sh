@@ -26,8 +26,8 @@
 #   cover the whole global batch, as 8 GPUs x 4 did), MAX_LEN (8192); train_nq.sh's own knobs
 #   (GRAD_CKPT, ZERO_STAGE, ...) pass through the environment;
 # - stage 4: EVAL_NUM (500), EVAL_POSITIONS (all), EVAL_BATCH (256), POSITIONS_PER_CALL (4),
-#   EVAL_COMPACT (1: --compact_finished) — docs/performance.md: the HF backend pays ~50 ms per
-#   decoding step whatever the batch, so larger mixed batches and compaction help; CKPT_DATASET
+#   EVAL_COMPACT (1: --compact_finished) — docs/performance.md: a decoding step costs tens of ms
+#   almost whatever the batch, so larger mixed batches and compaction help; CKPT_DATASET
 #   (the dataset a checkpoint was trained on, for cross-task evaluation);
 # - WORK_DIR: where raw_data/, data/, checkpoints/ and evaluate/ go (default: the repository).
 set -euo pipefail
