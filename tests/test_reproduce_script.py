@@ -1,6 +1,6 @@
 """benchmarks/reproduce.sh end to end on CPU with the tiny model: the GPU experiment's steps
 (stage 1, stage 2 + train_nq.sh, stage 4 of base and checkpoint) as the device runs them,
-through reproduce_lanes.sh (training and evaluation overlapping)."""
+through reproduce_lanes.sh (training and evaluation overlapping), then generalization.sh."""
 
 import json
 import os
@@ -13,6 +13,7 @@ from pos2distill.jsonl import write_jsonl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "reproduce.sh")
 LANES = os.path.join(ROOT, "benchmarks", "reproduce_lanes.sh")
+GENERALIZATION = os.path.join(ROOT, "benchmarks", "generalization.sh")
 TOTAL = 3
 
 
@@ -20,6 +21,13 @@ def record(i):
     ctxs = [{"title": f"Gold {i}", "text": f"The answer to question {i} is e.", "isgold": True}]
     ctxs += [{"title": f"Other {i}.{j}", "text": f"Unrelated passage {j}.", "isgold": False} for j in range(TOTAL - 1)]
     return {"question": f"what is the answer to question {i}", "answers": ["e"], "ctxs": ctxs}
+
+
+def oracle_record(i):
+    # answers that are no substring of one another, so other questions' passages can be distractors
+    code = "code" + chr(ord("a") + i) + "z"
+    return {"question": f"what is the code of item {i}", "answers": [code],
+            "ctxs": [{"title": f"Item {i}", "text": f"Item {i} has the code {code}.", "isgold": True}]}
 
 
 def free_port():
@@ -31,6 +39,12 @@ def free_port():
 def step(env, *args):
     proc = subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, f"{args}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def generalize(env, step_name):
+    proc = subprocess.run(["bash", GENERALIZATION, step_name], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, f"{step_name}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout
 
 
@@ -72,13 +86,28 @@ def test_reproduce_steps_on_cpu(tmp_path, tiny_model):
     # the checkpoint's questions are the first 6, the evaluated ones the last 4: no overlap
     assert "no overlap" in printed
 
-    # cross-task: the NQ-trained checkpoint on KV retrieval
+    # generalization.sh: base and checkpoint at other document counts (sets built from an oracle
+    # file), then the NQ-trained checkpoint on KV retrieval (cross-task)
+    oracle = tmp_path / "oracle.jsonl.gz"
+    write_jsonl(str(oracle), [oracle_record(i) for i in range(14)])
+    gen_env = dict(env, ORACLE=str(oracle), CKPT="p2d", DOC_COUNTS="2 4", POSITIONS_4="0,last")
+    generalize(gen_env, "docs")
+    table = json.loads((out / "generalization_nq.json").read_text())
+    assert [row["total_docs"] for row in table["rows"]] == [2, 4]
+    assert [row["positions"] for row in table["rows"]] == [[0, 1], [0, 3]]
+    for k in (2, 4):
+        assert (out / f"nq_{k}docs_base_vs_p2d.png").is_file()
+        [summary] = json.loads((out / f"p2d_nq_summary_{k}docs.json").read_text())
+        assert "checkpoints/nq/p2d" in summary["model"] and summary["n"]["0"] == 4
+    assert (work / "qa_data" / "nq-open-4_total_documents.jsonl.gz").is_file()
+
     kv = tmp_path / "kv-retrieval-3_keys.jsonl.gz"
     subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "kv", "--num_keys", "3",
                     "--num_examples", "5", "--output", str(kv)], check=True, capture_output=True)
-    kv_env = dict(env, DATASET_NAME="kv", DATA=str(kv), CKPT_DATASET="nq", EVAL_POSITIONS="0,last")
-    step(kv_env, "eval", "p2d")
+    generalize(dict(env, KV_DATA=str(kv), KV_KEYS=str(TOTAL), CKPT="p2d", CKPT_DATASET="nq"), "kv")
     [summary] = json.loads((out / f"p2d_kv_summary_{TOTAL}docs.json").read_text())
     assert summary["positions"] == [0, TOTAL - 1] and "checkpoints/nq/p2d" in summary["model"]
     assert (out / f"p2d_kv_predictions_{TOTAL}docs.jsonl.gz").is_file()
+    [row] = json.loads((out / "generalization_kv.json").read_text())["rows"]
+    assert row["total_docs"] == TOTAL and row["positions"] == [0, TOTAL - 1]
     assert not (tmp_path / "raw_data").exists() and not os.path.exists(os.path.join(ROOT, "checkpoints", "nq", "p2d"))
