@@ -56,6 +56,9 @@ def parse_args(argv):
                         default=32768)
     parser.add_argument("--instruction", default="reference", help="reference | corrected")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                        help="weights and compute for both methods (auto: bf16 on GPUs, fp32 on CPU); "
+                             "float32 shows whether score differences come from bf16 rounding")
     parser.add_argument("--warmup_prompts", type=int, default=8,
                         help="prompts each method answers untimed first (kernel set-up, the newline table)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -154,7 +157,7 @@ def main(argv):
     num_gpus = 0 if args.device == "cpu" else None
     backend = make_backend("hf", args.model, num_gpus=num_gpus, batch_size=args.batch_size[0],
                            max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed,
-                           need_chat_template=True)
+                           dtype=args.dtype, need_chat_template=True)
     device = backend.device
     model_path = backend.model.name_or_path
     try:

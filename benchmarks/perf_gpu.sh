@@ -4,7 +4,8 @@
 #   OUT_DIR=$OUT bash benchmarks/perf_gpu.sh [train|eval|all]
 # Knobs: TOTAL_DOC (20), MICRO ("1 2 4 8"), GC (1: gradient checkpointing, as train_nq.sh; 0: off; both: two runs),
 # COMPILE (1: torch.compile both models), EVAL_NUM (500), POSITIONS (0,9,19), BATCHES ("64 128"),
-# COMPACT (both|on|off), PEAK_TFLOPS.
+# COMPACT (both|on|off), PPC (positions per call, 1), DTYPE (auto|bfloat16|float32: fp32 tells bf16 rounding
+# apart from real score differences), PEAK_TFLOPS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${MODEL:?set MODEL}" "${DATA:?set DATA}"
@@ -42,6 +43,7 @@ if [ "$WHAT" = eval ] || [ "$WHAT" = all ]; then
     # shellcheck disable=SC2086  # BATCHES is a list of numbers
     TQDM_DISABLE=1 python benchmarks/bench_eval.py --data "$DATA" --model "$MODEL" --total_doc "$TOTAL_DOC" \
         --sample_num "$EVAL_NUM" \
-        --positions "$POSITIONS" --batch_size $BATCHES --compact "$COMPACT" --output "$OUT_DIR/bench_eval.json" \
+        --positions "$POSITIONS" --batch_size $BATCHES --compact "$COMPACT" --positions_per_call "${PPC:-1}" \
+        --dtype "${DTYPE:-auto}" --output "$OUT_DIR/bench_eval.json" \
         2>&1 | tee "$OUT_DIR/bench_eval.log"
 fi

@@ -103,10 +103,13 @@ def test_bench_eval(tmp_path, tiny_model):
 def test_bench_eval_positions_per_call(tmp_path, tiny_model):
     data = _nq_file(tmp_path / "nq-4.jsonl.gz")
     out = tmp_path / "eval.json"
-    _run("bench_eval.py", "--data", data, "--model", tiny_model, "--device", "cpu", "--threads", "1",
+    stdout = _run("bench_eval.py", "--data", data, "--model", tiny_model, "--device", "cpu", "--threads", "1",
          "--total_doc", TOTAL, "--sample_num", 3, "--positions", "all", "--batch_size", 8, "--compact", "off",
-         "--positions_per_call", 2, "--max_new_tokens", 6, "--warmup_prompts", 0, "--output", out)
-    runs = json.loads(out.read_text())["runs"]
+         "--positions_per_call", 2, "--max_new_tokens", 6, "--warmup_prompts", 0, "--dtype", "bfloat16",
+         "--output", out)
+    report = json.loads(out.read_text())
+    assert "on cpu (bfloat16)" in stdout  # the loaded model's dtype, printed by the benchmark
+    runs = report["runs"]
     ours = runs["ours_bs8"]
     assert ours["positions_per_call"] == 2 and ours["prompts"] == 3 * TOTAL
     # 2 calls of 6 prompts, one batch each: every row of a call is decoded for that call's steps
