@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.profiling import profile_call  # noqa: E402
 from kd.train_kd import parse_kd_coef  # noqa: E402
 from pos2distill.cli_args import require_at_least  # noqa: E402
 from pos2distill.errors import UserError, run_cli  # noqa: E402
@@ -76,6 +77,8 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median reported)")
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step of each 'ours' configuration: top kernels and host operators")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both models (dynamic shapes; the warm-up steps pay for compilation), "
                              "to measure what fusing the element-wise work would give")
@@ -492,6 +495,9 @@ def run_config(args, variant, micro_batch, batch, student, teacher, objective, o
         achieved_tflops=flops / seconds / 1e12,
         mfu=flops / seconds / (peak * 1e12) if peak else None,
     )
+    if args.profile and variant == "ours":
+        print(f"{variant}, micro-batch {micro_batch}: one step profiled")
+        result["profile"] = profile_call(step, device)
     if cuda:
         gc.collect()
         torch.cuda.empty_cache()

@@ -23,10 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.profiling import profile_call  # noqa: E402
 from pos2distill.cli_args import require_at_least  # noqa: E402
 from pos2distill.errors import UserError, run_cli  # noqa: E402
-
-TOP_OPS = 12
 
 
 def parse_args(argv):
@@ -52,20 +51,6 @@ def parse_args(argv):
     if args.position >= args.total_doc:
         raise UserError(f"--position must be below --total_doc {args.total_doc}, got {args.position}")
     return args
-
-
-def kernel_events(profiler):
-    """The device-side events only: a CPU operator's device time repeats its kernels' time."""
-    from torch.autograd import DeviceType
-
-    return [e for e in profiler.key_averages() if e.device_type == DeviceType.CUDA]
-
-
-def top_ops(events, key):
-    rows = []
-    for event in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:TOP_OPS]:
-        rows.append({"name": event.key, "calls": event.count, "ms": getattr(event, key) / 1e3})
-    return rows
 
 
 def main(argv):
@@ -125,22 +110,7 @@ def main(argv):
               f"{full:.3f} s (first run {first_full:.3f} s) -> {step_ms:.1f} ms per decoding step "
               f"({entry['decode_step_ms_per_row']:.3f} ms per row)")
         if not args.no_profile:
-            from torch.profiler import ProfilerActivity, profile
-
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            with profile(activities=activities) as prof:
-                wall = run(input_ids, attention, args.max_new_tokens, cache)
-            entry["profiled_wall_s"] = wall
-            entry["top_self_cpu_ms"] = top_ops(prof.key_averages(), "self_cpu_time_total")
-            if device.type == "cuda":
-                kernels = kernel_events(prof)
-                entry["top_self_device_ms"] = top_ops(kernels, "self_device_time_total")
-                busy = sum(e.self_device_time_total for e in kernels) / 1e6
-                entry["device_busy_s"] = busy
-                print(f"  profiled: wall {wall:.3f} s, device kernels {busy:.3f} s ({100 * busy / wall:.0f}% busy)")
-            for key, what in (("top_self_device_ms", "device"), ("top_self_cpu_ms", "host")):
-                for row in entry.get(key, [])[:8]:
-                    print(f"  {what:<6} {row['ms']:>9.1f} ms  {row['calls']:>6} calls  {row['name'][:70]}")
+            entry.update(profile_call(lambda: run(input_ids, attention, args.max_new_tokens, cache), device))
         report["configs"][cache] = entry
     backend.close()
     if args.output:

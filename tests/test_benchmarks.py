@@ -71,11 +71,16 @@ def test_bench_train_real_data_dedups_teacher(tmp_path, tiny_model):
     out = tmp_path / "train.json"
     _run("bench_train.py", "--model", tiny_model, "--device", "cpu", "--threads", "1", "--data", data,
          "--total_doc", TOTAL, "--copies_per_example", 2, "--micro_batch_sizes", 2, "--warmup", 0, "--steps", 1,
-         "--gradient_checkpointing", "--peak_tflops", 1.0, "--output", out)
+         "--gradient_checkpointing", "--peak_tflops", 1.0, "--profile", "--output", out)
     report = json.loads(out.read_text())
     _check_train_report(report, [2])
     rows = {r["variant"]: r for r in report["results"]}
     assert rows["ours"]["teacher_rows"] == 1 and rows["naive"]["teacher_rows"] == 2
+    # --profile: one more step of "ours" profiled (host operators only on a CPU), none of "naive"
+    profiled = rows["ours"]["profile"]
+    assert "profile" not in rows["naive"] and profiled["profiled_wall_s"] > 0
+    ops = profiled["top_self_cpu_ms"]
+    assert ops and all(op["calls"] >= 1 and op["ms"] >= 0 for op in ops) and "top_self_device_ms" not in profiled
     assert report["student_prompt_tokens"]["min"] > 50  # chat-templated prompts with 4 documents
 
 
