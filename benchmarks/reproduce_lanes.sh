@@ -2,10 +2,12 @@
 # reproduce.sh's steps for several variants on ONE GPU, in two lanes that overlap:
 #   training lane: stage 1 (unless SKIP_STAGE1=1), then `train NAME` for each variant in turn;
 #   eval lane:     `eval base` (unless SKIP_BASE=1), then `eval NAME` as soon as NAME's training
-#                  has finished.
+#                  has finished; up to EVAL_PARALLEL (1) evaluations at once.
 # Stage-4 decoding leaves the GPU partly idle, so an evaluation costs little time beside a
-# training (a 0.5B model and its teacher use ~52 GiB at micro-batch 32; an evaluation at batch
-# 256 fits beside it on an 80 GiB GPU).
+# training. Memory, measured on an H200 (139 GiB) with the 0.5B model: a training at micro-batch
+# 32 (~52 GiB alone) beside one evaluation at batch 256 peaked at 116 GiB of the GPU (both
+# processes' allocator pools); two evaluations beside a training were not tried. On smaller GPUs
+# lower EVAL_BATCH.
 #
 #   OUT_DIR=$OUT LIMIT=1200 GOLD_DOC=0 bash benchmarks/reproduce_lanes.sh \
 #       "p2d:LR=5e-6" "kl:LR=5e-6 KD_COEF=1,0,0,0" "no_anchor:LR=5e-6 STRENGTHEN=0"
@@ -22,6 +24,8 @@ OUT_DIR=${OUT_DIR:-bench_out}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(realpath "$OUT_DIR")
 export OUT_DIR
+EVAL_PARALLEL=${EVAL_PARALLEL:-1}
+case "$EVAL_PARALLEL" in '' | *[!0-9]* | 0) echo "error: EVAL_PARALLEL must be a positive whole number" >&2; exit 2 ;; esac
 [ "$#" -ge 1 ] || { echo "usage: reproduce_lanes.sh NAME[:VAR=VALUE ...] ..." >&2; exit 2; }
 names=()
 for variant in "$@"; do
@@ -70,9 +74,22 @@ status=0
 ) &
 train_lane=$!
 (
+    pids=() evals=()
+    running() {  # evaluations of this lane still running
+        local n=0 pid
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null && n=$((n + 1)); done
+        echo "$n"
+    }
+    launch() {  # launch LOGNAME VARS reproduce.sh-args...: once a slot is free, in the background
+        while [ "$(running)" -ge "$EVAL_PARALLEL" ]; do sleep 5; done
+        rm -f "$OUT_DIR/$1.rc"
+        ( run_step "$@"; echo $? > "$OUT_DIR/$1.rc" ) &
+        pids+=($!)
+        evals+=("$1")
+    }
     failed=0
     if [ "${SKIP_BASE:-0}" != 1 ]; then
-        run_step base.eval "" eval base || failed=1
+        launch base.eval "" eval base
     fi
     for variant in "$@"; do
         name=${variant%%:*}
@@ -83,7 +100,11 @@ train_lane=$!
             failed=1
             continue
         fi
-        run_step "$name.eval" "$(vars_of "$variant")" eval "$name" || failed=1
+        launch "$name.eval" "$(vars_of "$variant")" eval "$name"
+    done
+    wait
+    for logname in "${evals[@]}"; do
+        [ "$(cat "$OUT_DIR/$logname.rc" 2> /dev/null)" = 0 ] || failed=1
     done
     exit $failed
 ) &

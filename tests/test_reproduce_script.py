@@ -62,7 +62,9 @@ def test_reproduce_steps_on_cpu(tmp_path, tiny_model):
     )
     # both lanes: stage 1, then training; base evaluated meanwhile, the checkpoint once trained
     env["LR"] = "1e-3"  # overridden by the variant's own LR below
-    proc = subprocess.run(["bash", LANES, "p2d:LR=1e-4 K=2"], capture_output=True, text=True, env=env, timeout=900)
+    # EVAL_PARALLEL=2: the base evaluation and the checkpoint's may overlap
+    proc = subprocess.run(["bash", LANES, "p2d:LR=1e-4 K=2"], capture_output=True, text=True,
+                          env=dict(env, EVAL_PARALLEL="2"), timeout=900)
     lanes_log = (out / "lanes.log").read_text()
     assert proc.returncode == 0, lanes_log + "".join((out / f).read_text()[-3000:] for f in os.listdir(out) if f.endswith(".log"))
     for entry in ("stage1 rc=0", "p2d.train rc=0", "base.eval rc=0", "p2d.eval rc=0", "lanes done status=0"):
@@ -111,3 +113,25 @@ def test_reproduce_steps_on_cpu(tmp_path, tiny_model):
     [row] = json.loads((out / "generalization_kv.json").read_text())["rows"]
     assert row["total_docs"] == TOTAL and row["positions"] == [0, TOTAL - 1]
     assert not (tmp_path / "raw_data").exists() and not os.path.exists(os.path.join(ROOT, "checkpoints", "nq", "p2d"))
+
+
+def test_lanes_failed_training_skips_its_evaluation(tmp_path, tiny_model):
+    data = tmp_path / "nq-open-3_total_documents.jsonl.gz"
+    write_jsonl(str(data), [record(i) for i in range(4)])
+    out = tmp_path / "out"
+    # no stage 1 and no base evaluation: stage 2 finds no stage-1 answers, so the training fails
+    env = dict(os.environ, MODEL=tiny_model, DATA=str(data), OUT_DIR=str(out), WORK_DIR=str(tmp_path / "work"),
+               TOTAL_DOC=str(TOTAL), SKIP_STAGE1="1", SKIP_BASE="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", LANES, "broken:LR=1e-4"], capture_output=True, text=True, env=env, timeout=300)
+    lanes_log = (out / "lanes.log").read_text()
+    assert proc.returncode == 1, lanes_log
+    assert "broken.train rc=" in lanes_log and "broken.train rc=0" not in lanes_log
+    assert "broken: training failed, not evaluated" in lanes_log and "lanes done status=1" in lanes_log
+    assert not (out / "broken.eval.log").exists()
+
+
+def test_lanes_rejects_bad_variant_names(tmp_path):
+    env = dict(os.environ, OUT_DIR=str(tmp_path / "out"))
+    for bad in ("base", "a/b:LR=1", ":LR=1"):
+        proc = subprocess.run(["bash", LANES, bad], capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 2 and "bad variant name" in proc.stderr
