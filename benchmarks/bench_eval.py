@@ -20,7 +20,6 @@ prompt, with a few of the disagreements.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.reports import write_report  # noqa: E402
 from pos2distill.cli_args import require_at_least  # noqa: E402
 from pos2distill.errors import UserError, run_cli  # noqa: E402
 
@@ -136,7 +136,6 @@ def main(argv):
 
     from pos2distill.formats import load_examples
     from pos2distill.generation import make_backend
-    from pos2distill.jsonl import write_text_atomic
     from pos2distill.position_eval import check_prompt_lengths, prompt_examples
     from pos2distill.positions import parse_positions
     from pos2distill.prompting import resolve_instruction
@@ -277,12 +276,10 @@ def main(argv):
             "model": model_path,
             "prompts": len(all_items),
             "prompt_tokens": {"min": min(lengths), "max": max(lengths), "mean": real / len(lengths)},
-            "args": {k: v for k, v in vars(args).items() if k != "debug"},
             "runs": {name: {k: v for k, v in run.items() if k != "predictions"} for name, run in runs.items()},
             "out_of_memory": out_of_memory,
         }
-        write_text_atomic(args.output, json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.output}")
+        write_report(args.output, report, args)
     return 0
 
 

@@ -20,7 +20,6 @@ of the step and the memory of the logits + loss computation alone.
 
 import argparse
 import gc
-import json
 import math
 import os
 import statistics
@@ -32,6 +31,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.profiling import profile_call  # noqa: E402
+from benchmarks.reports import write_report  # noqa: E402
 from kd.train_kd import parse_kd_coef  # noqa: E402
 from pos2distill.cli_args import require_at_least  # noqa: E402
 from pos2distill.errors import UserError, run_cli  # noqa: E402
@@ -553,7 +553,6 @@ def main(argv):
     import torch
 
     from kd.losses import DistillationLoss
-    from pos2distill.jsonl import write_text_atomic
     from pos2distill.models import load_tokenizer, resolve_model
 
     if args.threads:
@@ -635,12 +634,10 @@ def main(argv):
             "data": source,
             "student_prompt_tokens": {"min": min(prompt_lengths), "max": max(prompt_lengths),
                                       "mean": statistics.mean(prompt_lengths)},
-            "args": {k: v for k, v in vars(args).items() if k != "debug"},
             "results": results,
             "comparison": ratios,
         }
-        write_text_atomic(args.output, json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.output}")
+        write_report(args.output, report, args)
     return 0
 
 

@@ -14,7 +14,6 @@ compilation and kernel selection).
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.profiling import profile_call  # noqa: E402
+from benchmarks.reports import write_report  # noqa: E402
 from pos2distill.cli_args import require_at_least  # noqa: E402
 from pos2distill.errors import UserError, run_cli  # noqa: E402
 
@@ -60,7 +60,6 @@ def main(argv):
 
     from pos2distill.formats import load_examples
     from pos2distill.generation import left_padded, make_backend
-    from pos2distill.jsonl import write_text_atomic
     from pos2distill.position_eval import prompt_examples
 
     examples = load_examples(args.data, total_doc=args.total_doc)
@@ -114,8 +113,7 @@ def main(argv):
         report["configs"][cache] = entry
     backend.close()
     if args.output:
-        write_text_atomic(args.output, json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.output}")
+        write_report(args.output, report, args)
     return 0
 
 
