@@ -495,9 +495,15 @@ def run_config(args, variant, micro_batch, batch, student, teacher, objective, o
         achieved_tflops=flops / seconds / 1e12,
         mfu=flops / seconds / (peak * 1e12) if peak else None,
     )
-    if args.profile and variant == "ours":
+    if args.profile and variant == "ours" and not oom:
         print(f"{variant}, micro-batch {micro_batch}: one step profiled")
-        result["profile"] = profile_call(step, device)
+        try:
+            result["profile"] = profile_call(step, device)
+        except torch.OutOfMemoryError:
+            oom = True
+        if oom:  # outside the except block, as above
+            _release(optimizer, student)
+            result["profile"] = "OOM"
     if cuda:
         gc.collect()
         torch.cuda.empty_cache()

@@ -18,6 +18,12 @@
 # key and the last), KV_NUM (500). Everything reproduce.sh reads (SEED, POSITIONS_PER_CALL,
 # EVAL_COMPACT, WORK_DIR, ...) passes through.
 #
+# All of it takes longer than one 10-minute device call (NQ-30 alone is 15,000 prompts of ~3,600
+# tokens per model): on the device tool start it with setsid in the background, e.g.
+#   (setsid bash benchmarks/generalization.sh docs > $DIR/generalization.log 2>&1 &)
+# and poll the log for "generalization docs done"; eval_data.py resumes finished positions if a
+# step is run again on the same machine.
+#
 # Outputs in OUT_DIR: reproduce.sh's NAME_DATASET_{summary,predictions}_Kdocs files for base and
 # CKPT, one log per evaluation, a plot per setting (base vs CKPT) and generalization_DATASET.{md,json}:
 # average and gap per document count for both models, the checkpoint's gap as a fraction of
@@ -32,6 +38,9 @@ mkdir -p "$OUT_DIR"
 OUT_DIR=$(realpath "$OUT_DIR")
 export OUT_DIR
 WORK=${WORK_DIR:-$ROOT}
+mkdir -p "$WORK"
+WORK=$(realpath "$WORK")
+export WORK_DIR=$WORK
 STEP=${1:?usage: generalization.sh docs | kv}
 
 every_fifth() {  # 0,5,10,... and the last index of $1 slots
@@ -59,28 +68,10 @@ eval_pair() {  # eval_pair DATASET DATA TOTAL_DOC POSITIONS NUM BATCH: base and 
         --title "$ds, $k documents, last $num questions" --output "$OUT_DIR/${ds}_${k}docs_base_vs_${CKPT}.png"
 }
 
-summarize() {  # summarize DATASET K...: one table over the document counts evaluated
-    python - "$OUT_DIR" "$CKPT" "$@" <<'PY'
-import json, sys
-out, ckpt, ds, counts = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-rows = []
-for k in counts:
-    [base] = json.load(open(f"{out}/base_{ds}_summary_{k}docs.json"))
-    [trained] = json.load(open(f"{out}/{ckpt}_{ds}_summary_{k}docs.json"))
-    rows.append({"total_docs": int(k), "positions": base["positions"], "base_average": base["average"],
-                 "base_gap": base["gap"], "trained_average": trained["average"], "trained_gap": trained["gap"],
-                 "gap_ratio": trained["gap"] / base["gap"] if base["gap"] else None,
-                 "average_change": trained["average"] - base["average"]})
-json.dump({"dataset": ds, "checkpoint": ckpt, "rows": rows}, open(f"{out}/generalization_{ds}.json", "w"), indent=1)
-lines = [f"| documents | positions | base avg | base gap | {ckpt} avg | {ckpt} gap | gap / base gap | avg change |",
-         "|---|---|---|---|---|---|---|---|"]
-for r in rows:
-    ratio = "n/a" if r["gap_ratio"] is None else f"{r['gap_ratio']:.2f}"
-    lines.append(f"| {r['total_docs']} | {len(r['positions'])} | {r['base_average']:.1f} | {r['base_gap']:.1f} | "
-                 f"{r['trained_average']:.1f} | {r['trained_gap']:.1f} | {ratio} | {r['average_change']:+.1f} |")
-open(f"{out}/generalization_{ds}.md", "w").write("\n".join(lines) + "\n")
-print("\n".join(lines))
-PY
+summarize() {  # summarize DATASET K...: one table over the counts evaluated
+    local ds=$1
+    shift
+    python "$HERE/summarize_generalization.py" --out_dir "$OUT_DIR" --checkpoint "$CKPT" --dataset "$ds" "$@"
 }
 
 case "$STEP" in
@@ -88,7 +79,8 @@ docs)
     : "${ORACLE:?set ORACLE (nq-open-oracle.jsonl.gz) to build the k-document sets}"
     DATA_DIR=${DATA_DIR:-$WORK/qa_data}
     mkdir -p "$DATA_DIR"
-    counts=(${DOC_COUNTS:-10 30 50})
+    read -r -a counts <<< "${DOC_COUNTS-10 30 50}"
+    if [ "${#counts[@]}" -eq 0 ]; then echo "error: DOC_COUNTS is empty" >&2; exit 2; fi
     for k in "${counts[@]}"; do
         case "$k" in '' | *[!0-9]*) echo "error: DOC_COUNTS must be whole numbers, got '$k'" >&2; exit 2 ;; esac
     done
@@ -107,6 +99,7 @@ docs)
         echo "nq, $k documents: base and $CKPT evaluated in $((SECONDS - began)) s"
     done
     summarize nq "${counts[@]}"
+    echo "generalization docs done"
     ;;
 kv)
     : "${KV_DATA:?set KV_DATA (prepare_data.py kv writes it)}"
@@ -115,6 +108,7 @@ kv)
     eval_pair kv "$KV_DATA" "$keys" "${KV_POSITIONS:-$(every_fifth "$keys")}" "${KV_NUM:-500}" "${EVAL_BATCH:-128}"
     echo "kv, $keys keys: base and $CKPT evaluated in $((SECONDS - began)) s"
     summarize kv "$keys"
+    echo "generalization kv done"
     ;;
 *)
     echo "error: unknown step $STEP (docs | kv)" >&2

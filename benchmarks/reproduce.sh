@@ -42,6 +42,7 @@ mkdir -p "$OUT_DIR"
 OUT_DIR=$(realpath "$OUT_DIR")
 WORK=${WORK_DIR:-$ROOT}  # raw_data/, data/, checkpoints/, evaluate/ go here
 mkdir -p "$WORK"
+WORK=$(realpath "$WORK")  # absolute: train_nq.sh runs from the repository root
 cd "$WORK"
 # The name stage 1 puts in its file name (pos2distill.models.model_name: GGUF quant suffixes dropped).
 MODEL_NAME=${MODEL_NAME:-$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" python -c \

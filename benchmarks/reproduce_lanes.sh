@@ -25,14 +25,30 @@ mkdir -p "$OUT_DIR"
 OUT_DIR=$(realpath "$OUT_DIR")
 export OUT_DIR
 EVAL_PARALLEL=${EVAL_PARALLEL:-1}
-case "$EVAL_PARALLEL" in '' | *[!0-9]* | 0) echo "error: EVAL_PARALLEL must be a positive whole number" >&2; exit 2 ;; esac
+case "$EVAL_PARALLEL" in
+'' | *[!0-9]* | 0) echo "error: EVAL_PARALLEL must be a positive whole number" >&2; exit 2 ;;
+esac
 [ "$#" -ge 1 ] || { echo "usage: reproduce_lanes.sh NAME[:VAR=VALUE ...] ..." >&2; exit 2; }
+vars_of() {  # the VAR=VALUE part of variant $1
+    case "$1" in *:*) printf '%s' "${1#*:}" ;; *) printf '' ;; esac
+}
+
 names=()
 for variant in "$@"; do
     name=${variant%%:*}
     case "$name" in
     '' | base | *[!A-Za-z0-9._-]*) echo "error: bad variant name '$name' in '$variant'" >&2; exit 2 ;;
     esac
+    for seen in "${names[@]}"; do
+        if [ "$seen" = "$name" ]; then echo "error: variant name '$name' given twice" >&2; exit 2; fi
+    done
+    read -r -a words <<< "$(vars_of "$variant")"
+    for word in "${words[@]}"; do  # VAR=VALUE words, passed to env: nothing else may run (or glob)
+        if ! [[ "$word" =~ ^[A-Za-z_][A-Za-z0-9_]*=[^*?[]*$ ]]; then
+            echo "error: '$word' in variant '$variant' is not VAR=VALUE" >&2
+            exit 2
+        fi
+    done
     names+=("$name")
 done
 
@@ -41,6 +57,7 @@ log() { echo "$(date +%H:%M:%S) $*" >> "$OUT_DIR/lanes.log"; }
 run_step() {  # run_step LOGNAME "VAR=VALUE ..." reproduce.sh-args...: one step, its end logged
     local logname=$1 vars=$2 began=$SECONDS rc
     shift 2
+    log "$logname started"
     # word splitting of $vars is wanted: VAR=VALUE pairs without spaces inside
     # shellcheck disable=SC2086
     env $vars bash "$HERE/reproduce.sh" "$@" > "$OUT_DIR/$logname.log" 2>&1
@@ -49,11 +66,14 @@ run_step() {  # run_step LOGNAME "VAR=VALUE ..." reproduce.sh-args...: one step,
     return $rc
 }
 
-vars_of() {  # the VAR=VALUE part of variant $1
-    case "$1" in *:*) printf '%s' "${1#*:}" ;; *) printf '' ;; esac
-}
-
 : > "$OUT_DIR/lanes.log"
+kill_tree() {  # the process $1 and all its descendants, children first
+    local child
+    for child in $(pgrep -P "$1"); do kill_tree "$child"; done
+    kill "$1" 2> /dev/null
+}
+# Stopping the script (INT/TERM) stops its trainings and evaluations too.
+trap 'trap - INT TERM; log "stopped"; for child in $(pgrep -P $$); do kill_tree "$child"; done; exit 130' INT TERM
 for name in "${names[@]}"; do  # markers of an earlier run would start an evaluation too early
     rm -f "$OUT_DIR/$name.train_stats.json" "$OUT_DIR/$name.train_failed"
 done
@@ -61,7 +81,11 @@ status=0
 (
     failed=0
     if [ "${SKIP_STAGE1:-0}" != 1 ]; then
-        run_step stage1 "" stage1 || { log "stage 1 failed: no training"; for n in "${names[@]}"; do touch "$OUT_DIR/$n.train_failed"; done; exit 1; }
+        if ! run_step stage1 "" stage1; then
+            log "stage 1 failed: no training"
+            for n in "${names[@]}"; do touch "$OUT_DIR/$n.train_failed"; done
+            exit 1
+        fi
     fi
     for variant in "$@"; do
         name=${variant%%:*}
@@ -94,7 +118,13 @@ train_lane=$!
     for variant in "$@"; do
         name=${variant%%:*}
         # reproduce.sh writes NAME.train_stats.json once the checkpoint is saved
-        while [ ! -e "$OUT_DIR/$name.train_stats.json" ] && [ ! -e "$OUT_DIR/$name.train_failed" ]; do sleep 5; done
+        while [ ! -e "$OUT_DIR/$name.train_stats.json" ] && [ ! -e "$OUT_DIR/$name.train_failed" ]; do
+            # a training lane that is gone without a marker (killed) will not write one
+            if ! kill -0 "$train_lane" 2> /dev/null && [ ! -e "$OUT_DIR/$name.train_stats.json" ]; then
+                touch "$OUT_DIR/$name.train_failed"
+            fi
+            sleep 5
+        done
         if [ -e "$OUT_DIR/$name.train_failed" ]; then
             log "$name: training failed, not evaluated"
             failed=1

@@ -4,14 +4,15 @@ through reproduce_lanes.sh (training and evaluation overlapping), then generaliz
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 from pos2distill.jsonl import write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "reproduce.sh")
 LANES = os.path.join(ROOT, "benchmarks", "reproduce_lanes.sh")
 GENERALIZATION = os.path.join(ROOT, "benchmarks", "generalization.sh")
 TOTAL = 3
@@ -36,12 +37,6 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def step(env, *args):
-    proc = subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, f"{args}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout
-
-
 def generalize(env, step_name):
     proc = subprocess.run(["bash", GENERALIZATION, step_name], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, f"{step_name}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -63,7 +58,7 @@ def test_reproduce_steps_on_cpu(tmp_path, tiny_model):
     # both lanes: stage 1, then training; base evaluated meanwhile, the checkpoint once trained
     env["LR"] = "1e-3"  # overridden by the variant's own LR below
     # EVAL_PARALLEL=2: the base evaluation and the checkpoint's may overlap
-    proc = subprocess.run(["bash", LANES, "p2d:LR=1e-4 K=2"], capture_output=True, text=True,
+    proc = subprocess.run(["bash", LANES, "p2d:LR=1e-4"], capture_output=True, text=True,
                           env=dict(env, EVAL_PARALLEL="2"), timeout=900)
     lanes_log = (out / "lanes.log").read_text()
     assert proc.returncode == 0, lanes_log + "".join((out / f).read_text()[-3000:] for f in os.listdir(out) if f.endswith(".log"))
@@ -130,8 +125,36 @@ def test_lanes_failed_training_skips_its_evaluation(tmp_path, tiny_model):
     assert not (out / "broken.eval.log").exists()
 
 
-def test_lanes_rejects_bad_variant_names(tmp_path):
+def test_lanes_rejects_bad_arguments(tmp_path):
     env = dict(os.environ, OUT_DIR=str(tmp_path / "out"))
-    for bad in ("base", "a/b:LR=1", ":LR=1"):
-        proc = subprocess.run(["bash", LANES, bad], capture_output=True, text=True, env=env, timeout=60)
-        assert proc.returncode == 2 and "bad variant name" in proc.stderr
+    cases = [(["base"], "bad variant name"), (["a/b:LR=1"], "bad variant name"), ([":LR=1"], "bad variant name"),
+             (["x:LR=1", "x:LR=2"], "given twice"), (["x:LR=1 rm"], "'rm' in variant"),
+             (["x:A=*"], "is not VAR=VALUE"), ([], "usage")]
+    for variants, message in cases:
+        proc = subprocess.run(["bash", LANES, *variants], capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, (variants, proc.stderr)
+    proc = subprocess.run(["bash", LANES, "x"], capture_output=True, text=True, env=dict(env, EVAL_PARALLEL="0"),
+                          timeout=60)
+    assert proc.returncode == 2 and "EVAL_PARALLEL" in proc.stderr
+
+
+def test_lanes_stopped_stops_its_steps(tmp_path, tiny_model):
+    data = tmp_path / "nq-open-3_total_documents.jsonl.gz"
+    write_jsonl(str(data), [record(i) for i in range(40)])
+    out = tmp_path / "out"
+    env = dict(os.environ, MODEL=tiny_model, DATA=str(data), OUT_DIR=str(out), WORK_DIR=str(tmp_path / "work"),
+               TOTAL_DOC=str(TOTAL), GOLD_DOC="0", EVAL_NUM="4", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    lanes = subprocess.Popen(["bash", LANES, "p2d"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "lanes.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "stage1 started" in log.read_text()):
+        time.sleep(0.5)
+    time.sleep(2)  # stage 1 and the base evaluation are running
+    lanes.send_signal(signal.SIGTERM)
+    assert lanes.wait(timeout=60) == 130
+    assert "stopped" in log.read_text()
+    time.sleep(1)
+    # nothing started for this run is left: every step's command line names the data file
+    left = subprocess.run(["pgrep", "-f", str(data)], capture_output=True, text=True).stdout.split()
+    assert left == [], subprocess.run(["ps", "-o", "pid,args", "-p", ",".join(left)], capture_output=True,
+                                      text=True).stdout
