@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The reproduce experiment (docs/results.md) in steps that each fit one 10-minute GPU call.
-# Outputs under OUT_DIR: stage 1's summary, NAME.train_stats.json / NAME.kd_args.json /
+# Outputs under OUT_DIR: stage 1's answers and summary, NAME.train_stats.json / NAME.kd_args.json /
 # NAME.gpu_mem.csv per training, NAME_DATASET_summary_Kdocs.{json,csv,md} and
 # NAME_DATASET_predictions_Kdocs.jsonl.gz per evaluation.
 # Every step writes its figures under OUT_DIR and leaves its files in the working tree, so
@@ -85,7 +85,9 @@ stage1)
         --model "$MODEL" --output-path raw_data --dataset_name "$DS" --total_doc "$TOTAL_DOC" --gold_doc "$GOLD_DOC" \
         --eval_holdout "$EVAL_NUM" --backend hf --batch_size 128 --seed "$SEED" "${limit[@]}"
     echo "stage1 wall $((SECONDS - began)) s"
-    cp raw_data/"$DS"/*.summary.json "$OUT_DIR"/
+    # the answers too (a few MB): carried to a later machine, they let it skip stage 1
+    # (raw_data/DATASET/ under WORK_DIR, then SKIP_STAGE1=1 in reproduce_lanes.sh)
+    cp raw_data/"$DS"/*.summary.json raw_data/"$DS"/*.jsonl.gz "$OUT_DIR"/
     ;;
 train)
     name=${2:?usage: reproduce.sh train NAME}
