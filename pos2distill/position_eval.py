@@ -105,12 +105,13 @@ def evaluate_positions(
             pending.append((chunk, position))
     for begin in range(0, len(pending), positions_per_call):
         group = pending[begin : begin + positions_per_call]
-        items_per_chunk = []
-        for _, position in group:
-            items = prompt_examples(backend.tokenizer, examples, example_ids, position, seed, instruction)
-            check_prompt_lengths(backend, [it.prompt for it in items], max_prompt_length, f"position {position}")
-            items_per_chunk.append(items)
+        items_per_chunk = [prompt_examples(backend.tokenizer, examples, example_ids, position, seed, instruction)
+                           for _, position in group]
         prompts = [it.prompt for items in items_per_chunk for it in items]
+        where = "position " + ",".join(str(position) for _, position in group)
+        # One check for the whole call: the backend keeps the ids it counted for the generate call
+        # on the same prompts, so they are tokenized once.
+        check_prompt_lengths(backend, prompts, max_prompt_length, where)
         started = time.perf_counter()
         predictions = backend.generate(
             prompts,
@@ -118,7 +119,7 @@ def evaluate_positions(
             temperature=0.0,
             seed=seed,
             stop_at_newline=stop_at_newline,
-            desc="position " + ",".join(str(position) for _, position in group),
+            desc=where,
         )
         seconds = time.perf_counter() - started
         stats["generated"] += len(prompts)

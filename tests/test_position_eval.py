@@ -21,12 +21,15 @@ class GoldFirstBackend:
     def __init__(self):
         self.tokenizer = EchoTokenizer()
         self.calls = []
+        self.counted, self.generated = [], []
 
     def count_tokens(self, prompts):
+        self.counted.append(list(prompts))
         return [len(p.split()) for p in prompts]
 
     def generate(self, prompts, **kwargs):
         self.calls.append(len(prompts))
+        self.generated.append(list(prompts))
         return [p.split("Title: ", 1)[1].split(")", 1)[0].split("\n", 1)[0] for p in prompts]
 
 
@@ -51,6 +54,8 @@ def test_grouped_calls_give_the_same_records_in_position_order():
     records_grouped, stats_grouped = run(grouped, 3)
     assert one.calls == [3, 3, 3, 3]
     assert grouped.calls == [9, 3]  # positions 0-2 in one call, position 3 in the next
+    # the lengths are counted on exactly the prompts of each call (the HF backend reuses their ids)
+    assert grouped.counted == grouped.generated
     assert records_grouped == records_one
     assert [r["gold_idx"] for r in records_one] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     assert [r["correct"] for r in records_one] == [True] * 3 + [False] * 9
