@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.profiling import sync  # noqa: E402
 from benchmarks.reports import write_report  # noqa: E402
 from pos2distill.cli_args import require_at_least  # noqa: E402
 from pos2distill.errors import UserError, run_cli  # noqa: E402
@@ -72,13 +73,6 @@ def parse_args(argv):
     if min(args.batch_size) < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     return args
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def plain_generate(model, tokenizer, prompts, *, batch_size, max_new_tokens, eos_ids, pad_id, device):
@@ -199,10 +193,10 @@ def main(argv):
                 name = f"ours_bs{batch_size}" + ("_compact" if compact else "")
                 try:
                     for items in calls:  # as stage 4 makes them
-                        _sync(device)
+                        sync(device)
                         began = time.perf_counter()
                         predictions.extend(run_ours(items))
-                        _sync(device)
+                        sync(device)
                         seconds += time.perf_counter() - began
                         for key in ("new_tokens", "decode_steps", "row_steps", "padded_prompt_tokens"):
                             totals[key] = totals.get(key, 0) + backend.last_stats[key]
@@ -221,10 +215,10 @@ def main(argv):
                               "predictions": predictions, "seconds": seconds, **totals}
         predictions, seconds, new_tokens, padded, row_steps = [], 0.0, 0, 0, 0
         for items in per_position:
-            _sync(device)
+            sync(device)
             began = time.perf_counter()
             texts, count, pad, steps = run_baseline(items)
-            _sync(device)
+            sync(device)
             seconds += time.perf_counter() - began
             predictions.extend(texts)
             new_tokens += count

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.profiling import profile_call  # noqa: E402
+from benchmarks.profiling import profile_call, sync  # noqa: E402
 from benchmarks.reports import write_report  # noqa: E402
 from kd.train_kd import parse_kd_coef  # noqa: E402
 from pos2distill.cli_args import require_at_least  # noqa: E402
@@ -129,13 +129,6 @@ def peak_tflops(device, override):
         if key in name:
             return value, f"{name}: {key} dense bf16 peak from NVIDIA's data sheet"
     return None, f"{name}: unknown GPU (pass --peak_tflops for an MFU figure)"
-
-
-def sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------- models

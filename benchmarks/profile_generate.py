@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.profiling import profile_call  # noqa: E402
+from benchmarks.profiling import profile_call, sync  # noqa: E402
 from benchmarks.reports import write_report  # noqa: E402
 from pos2distill.cli_args import require_at_least  # noqa: E402
 from pos2distill.errors import UserError, run_cli  # noqa: E402
@@ -72,21 +72,17 @@ def main(argv):
     token_ids = backend._token_ids([it.prompt for it in items])
     longest = max(len(ids) for ids in token_ids)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def run(input_ids, attention, new_tokens, cache):
         config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                   pad_token_id=backend.pad_id, eos_token_id=backend.eos_ids, num_beams=1)
         if cache.startswith("static"):
             config.cache_implementation = "static"
             config.disable_compile = cache == "static_eager"
-        sync()
+        sync(device)
         began = time.perf_counter()
         with torch.inference_mode():
             model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
-        sync()
+        sync(device)
         return time.perf_counter() - began
 
     report = {"model": model.name_or_path, "device": str(device), "batch": len(token_ids), "longest_prompt": longest,

@@ -1,4 +1,5 @@
-"""One call profiled with torch.profiler, summarised as the top host operators and device kernels.
+"""Timing helpers shared by the benchmarks: waiting for the device, and one call profiled with
+torch.profiler, summarised as the top host operators and device kernels.
 
 Shared by the benchmarks (``python benchmarks/x.py`` puts the repository root on ``sys.path``,
 so this imports as ``benchmarks.profiling``).
@@ -7,6 +8,14 @@ so this imports as ``benchmarks.profiling``).
 import time
 
 TOP_OPS = 12
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a wall-clock timer measures it."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def kernel_events(profiler):
@@ -27,18 +36,15 @@ def profile_call(fn, device) -> dict:
     """Run ``fn()`` once under the profiler; its wall time (synchronised on CUDA), the top host
     operators by self time and, on CUDA, the top kernels and the share of the wall time the
     device was busy. Prints a short summary."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        if cuda:
-            torch.cuda.synchronize(device)
+        sync(device)
         began = time.perf_counter()
         fn()
-        if cuda:
-            torch.cuda.synchronize(device)
+        sync(device)
         wall = time.perf_counter() - began
     entry = {"profiled_wall_s": wall, "top_self_cpu_ms": top_ops(prof.key_averages(), "self_cpu_time_total")}
     if cuda:
