@@ -54,6 +54,9 @@ class ChunkedOutput:
     def _config_path(self) -> str:
         return os.path.join(self.partial_dir, "config.json")
 
+    def _write_config(self, path: str) -> None:
+        write_text_atomic(path, json.dumps(self.config, indent=1, sort_keys=True))
+
     def _chunk_path(self, index: int) -> str:
         return os.path.join(self.partial_dir, f"chunk_{index:06d}.jsonl.gz")
 
@@ -71,7 +74,7 @@ class ChunkedOutput:
         # The folder appears with the first finished chunk: a run that fails before leaves nothing.
         if not os.path.isfile(self._config_path()):
             os.makedirs(self.partial_dir, exist_ok=True)
-            write_text_atomic(self._config_path(), json.dumps(self.config, indent=1, sort_keys=True))
+            self._write_config(self._config_path())
         write_jsonl(self._chunk_path(index), records)
 
     def read_chunk(self, index: int) -> list[dict]:
@@ -89,7 +92,7 @@ class ChunkedOutput:
         if os.path.exists(self.done_config_path):
             os.remove(self.done_config_path)
         write_jsonl(self.output_path, records)
-        write_text_atomic(self.done_config_path, json.dumps(self.config, indent=1, sort_keys=True))
+        self._write_config(self.done_config_path)
         shutil.rmtree(self.partial_dir, ignore_errors=True)
         self.complete = True
         return records
