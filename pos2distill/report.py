@@ -97,6 +97,8 @@ def write_summaries(summaries: list[dict], prefix: str) -> list[str]:
 
 def load_summaries(path: str) -> list[dict]:
     """Read a summary JSON (JSON turns integer position keys into strings; turn them back)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)

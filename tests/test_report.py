@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from pos2distill.errors import UserError
 from pos2distill.report import load_summaries, plot_positions, summarize, to_markdown, wilson_interval, write_summaries
 
 
@@ -50,3 +51,9 @@ def test_tables_and_plot_roundtrip(tmp_path):
     with open(png, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     json.loads(open(paths[2]).read())
+
+
+def test_missing_summary_is_a_one_line_error(tmp_path):
+    missing = str(tmp_path / "summary_20docs.json")
+    with pytest.raises(UserError, match="summary_20docs.json: no such file"):
+        load_summaries(missing)
