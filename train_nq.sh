@@ -28,7 +28,7 @@ MICRO_BATCH=${MICRO_BATCH:-4}
 MAX_LEN=${MAX_LEN:-32000}
 EPOCHS=${EPOCHS:-1}
 MASTER_PORT=${MASTER_PORT:-6666}
-NUM_GPUS=${NUM_GPUS:-}                           # empty: every visible GPU (one process on CPU)
+NUM_GPUS=${NUM_GPUS:-}                           # empty: every visible GPU (CUDA_VISIBLE_DEVICES; one process on CPU)
 ZERO_STAGE=${ZERO_STAGE:-3}
 # 7B/8B on 8 GPUs needs both (the reference setting); a 0.5B model on one GPU runs faster with 0.
 TEACHER_OFFLOAD=${TEACHER_OFFLOAD:-1}
@@ -43,7 +43,17 @@ if ! command -v deepspeed > /dev/null; then
     exit 2
 fi
 LAUNCH=(deepspeed --master_port "$MASTER_PORT")
-if [ -n "$NUM_GPUS" ]; then LAUNCH+=(--num_gpus "$NUM_GPUS"); fi
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    # The launcher ignores CUDA_VISIBLE_DEVICES when --num_gpus is given and would start on GPU 0
+    # whatever the caller chose: leave it to the launcher, which turns it into --include.
+    visible=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c .)
+    if [ -n "$NUM_GPUS" ] && [ "$NUM_GPUS" != "$visible" ]; then
+        echo "error: NUM_GPUS=$NUM_GPUS but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES names $visible GPU(s)" >&2
+        exit 2
+    fi
+elif [ -n "$NUM_GPUS" ]; then
+    LAUNCH+=(--num_gpus "$NUM_GPUS")
+fi
 
 "${LAUNCH[@]}" kd/train_kd.py \
     --max_len "$MAX_LEN" \

@@ -11,7 +11,8 @@
 #   OUT_DIR=$OUT KV_DATA=/root/data/kv-retrieval-75_keys.jsonl.gz KV_KEYS=75 CKPT=p2d \
 #       bash benchmarks/generalization.sh kv
 #
-# Knobs (environment): CKPT (required), CKPT_DATASET (nq), DATA_DIR (where NQ-k files are
+# Knobs (environment): CKPT (required), MODELS ("base CKPT": evaluate both; one of them alone
+# leaves plots and table to a later run with both, which resumes finished evaluations), CKPT_DATASET (nq), DATA_DIR (where NQ-k files are
 # built: WORK_DIR/qa_data), DOC_COUNTS ("10 30 50"); per document count k, POSITIONS_k (default:
 # every position up to 30 documents, every 5th and the last above), EVAL_NUM_k (EVAL_NUM, 500)
 # and EVAL_BATCH_k (EVAL_BATCH, 256; 128 above 30 documents); KV_POSITIONS (0 and every 5th
@@ -42,6 +43,19 @@ mkdir -p "$WORK"
 WORK=$(realpath "$WORK")
 export WORK_DIR=$WORK
 STEP=${1:?usage: generalization.sh docs | kv}
+# MODELS: evaluate only some (e.g. base while CKPT still trains); a later run with both resumes
+# the finished evaluations and adds the plots and the table
+read -r -a models <<< "${MODELS-base $CKPT}"
+both=0 has_base=0 has_ckpt=0
+for name in "${models[@]}"; do
+    case "$name" in
+    base) has_base=1 ;;
+    "$CKPT") has_ckpt=1 ;;
+    *) echo "error: MODELS may name base and $CKPT only, got '$name'" >&2; exit 2 ;;
+    esac
+done
+if [ "${#models[@]}" -eq 0 ]; then echo "error: MODELS is empty" >&2; exit 2; fi
+if [ "$has_base" = 1 ] && [ "$has_ckpt" = 1 ]; then both=1; fi
 
 every_fifth() {  # 0,5,10,... and the last index of $1 slots
     local n=$1 list="" i
@@ -50,9 +64,9 @@ every_fifth() {  # 0,5,10,... and the last index of $1 slots
     printf '%s' "${list%,}"
 }
 
-eval_pair() {  # eval_pair DATASET DATA TOTAL_DOC POSITIONS NUM BATCH: base and CKPT at once
+eval_pair() {  # eval_pair DATASET DATA TOTAL_DOC POSITIONS NUM BATCH: base and CKPT (MODELS) at once
     local ds=$1 data=$2 k=$3 positions=$4 num=$5 batch=$6 name pids=() failed=0 pid
-    for name in base "$CKPT"; do
+    for name in "${models[@]}"; do
         DATASET_NAME=$ds DATA=$data TOTAL_DOC=$k EVAL_POSITIONS=$positions EVAL_NUM=$num EVAL_BATCH=$batch \
             bash "$HERE/reproduce.sh" eval "$name" > "$OUT_DIR/${name}_${ds}_${k}docs.eval.log" 2>&1 &
         pids+=($!)
@@ -63,6 +77,7 @@ eval_pair() {  # eval_pair DATASET DATA TOTAL_DOC POSITIONS NUM BATCH: base and 
         tail -n 5 "$OUT_DIR"/*_"${ds}"_"${k}"docs.eval.log >&2
         exit 1
     fi
+    if [ "$both" = 0 ]; then return; fi
     python "$ROOT/plot_positions.py" "$OUT_DIR/base_${ds}_summary_${k}docs.json" \
         "$OUT_DIR/${CKPT}_${ds}_summary_${k}docs.json" --label base "$CKPT" \
         --title "$ds, $k documents, last $num questions" --output "$OUT_DIR/${ds}_${k}docs_base_vs_${CKPT}.png"
@@ -70,6 +85,7 @@ eval_pair() {  # eval_pair DATASET DATA TOTAL_DOC POSITIONS NUM BATCH: base and 
 
 summarize() {  # summarize DATASET K...: one table over the counts evaluated
     local ds=$1
+    if [ "$both" = 0 ]; then echo "MODELS=${models[*]}: no plots and no table (they need base and $CKPT)"; return; fi
     shift
     python "$HERE/summarize_generalization.py" --out_dir "$OUT_DIR" --checkpoint "$CKPT" --dataset "$ds" "$@"
 }

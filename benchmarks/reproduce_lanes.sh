@@ -13,7 +13,8 @@
 #       "p2d:LR=5e-6" "kl:LR=5e-6 KD_COEF=1,0,0,0" "no_anchor:LR=5e-6 STRENGTHEN=0"
 #
 # A variant is NAME or NAME:VAR=VALUE VAR=VALUE ... (environment for that step only, on top of
-# the caller's, which reproduce.sh reads). Logs: OUT_DIR/stage1.log, OUT_DIR/NAME.train.log,
+# the caller's, which reproduce.sh reads). No variant: stage 1 and/or base alone. CHECK_ONLY=1
+# checks the variants and runs nothing. Several GPUs: reproduce_gpus.sh runs one of these per GPU. Logs: OUT_DIR/stage1.log, OUT_DIR/NAME.train.log,
 # OUT_DIR/NAME.eval.log; OUT_DIR/lanes.log says when each step ended and how. A failed training
 # skips that variant's evaluation; the other variants go on. Exit status: 0 when every step
 # succeeded. The script returns when both lanes are done; on the device tool start it with
@@ -28,7 +29,11 @@ EVAL_PARALLEL=${EVAL_PARALLEL:-1}
 case "$EVAL_PARALLEL" in
 '' | *[!0-9]* | 0) echo "error: EVAL_PARALLEL must be a positive whole number" >&2; exit 2 ;;
 esac
-[ "$#" -ge 1 ] || { echo "usage: reproduce_lanes.sh NAME[:VAR=VALUE ...] ..." >&2; exit 2; }
+# no variant: stage 1 and/or the base evaluation alone are a run too
+if [ "$#" -eq 0 ] && [ "${SKIP_BASE:-0}" = 1 ] && [ "${SKIP_STAGE1:-0}" = 1 ]; then
+    echo "usage: reproduce_lanes.sh NAME[:VAR=VALUE ...] ..." >&2
+    exit 2
+fi
 vars_of() {  # the VAR=VALUE part of variant $1
     case "$1" in *:*) printf '%s' "${1#*:}" ;; *) printf '' ;; esac
 }
@@ -51,6 +56,7 @@ for variant in "$@"; do
     done
     names+=("$name")
 done
+if [ "${CHECK_ONLY:-0}" = 1 ]; then exit 0; fi  # the variants are well-formed: nothing is run
 
 log() { echo "$(date +%H:%M:%S) $*" >> "$OUT_DIR/lanes.log"; }
 

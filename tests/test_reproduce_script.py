@@ -14,6 +14,7 @@ from pos2distill.jsonl import write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LANES = os.path.join(ROOT, "benchmarks", "reproduce_lanes.sh")
+GPUS = os.path.join(ROOT, "benchmarks", "reproduce_gpus.sh")
 GENERALIZATION = os.path.join(ROOT, "benchmarks", "generalization.sh")
 TOTAL = 3
 
@@ -89,7 +90,12 @@ def test_reproduce_steps_on_cpu(tmp_path, tiny_model):
     oracle = tmp_path / "oracle.jsonl.gz"
     write_jsonl(str(oracle), [oracle_record(i) for i in range(14)])
     gen_env = dict(env, ORACLE=str(oracle), CKPT="p2d", DOC_COUNTS="2 4", POSITIONS_4="0,last")
+    # base alone first (as while the checkpoint still trains): no plots or table yet
+    printed = generalize(dict(gen_env, MODELS="base"), "docs")
+    assert "no plots and no table" in printed and not (out / "generalization_nq.json").exists()
+    assert not (out / "p2d_nq_summary_2docs.json").exists()
     generalize(gen_env, "docs")
+    assert "all resumed" in (out / "base_nq_2docs.eval.log").read_text()  # base not evaluated twice
     table = json.loads((out / "generalization_nq.json").read_text())
     assert [row["total_docs"] for row in table["rows"]] == [2, 4]
     assert [row["positions"] for row in table["rows"]] == [[0, 1], [0, 3]]
@@ -111,6 +117,38 @@ def test_reproduce_steps_on_cpu(tmp_path, tiny_model):
     assert not (tmp_path / "raw_data").exists() and not os.path.exists(os.path.join(ROOT, "checkpoints", "nq", "p2d"))
 
 
+def test_gpus_stage1_once_then_one_lane_per_gpu(tmp_path, tiny_model):
+    data = tmp_path / "nq-open-3_total_documents.jsonl.gz"
+    write_jsonl(str(data), [record(i) for i in range(10)])
+    out, work = tmp_path / "out", tmp_path / "work"
+    # GPU id 0 twice: two lanes on one device (on CPU the id selects nothing)
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", GPUS="0 0", MODEL=tiny_model, DATA=str(data), OUT_DIR=str(out),
+        WORK_DIR=str(work), TOTAL_DOC=str(TOTAL), GOLD_DOC="0", LIMIT="6", NUM="2", K="2", EVAL_NUM="2",
+        EVAL_POSITIONS="0", EVAL_BATCH="8", TRAIN_BATCH="2", MICRO_BATCH="2", MAX_LEN="2048", LR="1e-4",
+        MASTER_PORT=str(free_port()), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    )
+    proc = subprocess.run(["bash", GPUS, "a", "b:KD_COEF=1,0,0,0", "c"], capture_output=True, text=True, env=env,
+                          timeout=900)
+    log = (out / "gpus.log").read_text()
+    logs = "".join(f"--- {f}\n" + f.read_text()[-2000:] for f in out.rglob("*.log"))
+    assert proc.returncode == 0, log + logs
+    assert "stage1 done" in log and "lane 0 on GPU 0: a c" in log and "lane 1 on GPU 0: b:KD_COEF=1,0,0,0 + base" in log
+    assert log.rstrip().endswith("gpus done status=0")
+    assert "stage1 rc=0" in (out / "lanes.log").read_text()
+    for lane, names in ((0, ["a", "c"]), (1, ["b", "base"])):
+        lanes_log = (out / f"gpu{lane}" / "lanes.log").read_text()
+        assert "stage1" not in lanes_log  # stage 1 ran once, for all lanes
+        for name in names:
+            assert f"{name}.eval rc=0" in lanes_log
+            assert (out / f"gpu{lane}" / f"{name}_nq_summary_{TOTAL}docs.json").is_file()
+    [checkpoint] = (work / "gpu1" / "checkpoints" / "nq" / "b").glob("*_kd1.0_lm0.0_rank0.0_adaptive0.0_1.0")
+    assert json.loads((checkpoint / "kd_args.json").read_text())["kd_coef"] == [1.0, 0.0, 0.0, 0.0]
+    # a bad variant stops the run before stage 1
+    proc = subprocess.run(["bash", GPUS, "a", "a"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "given twice" in proc.stderr
+
+
 def test_lanes_failed_training_skips_its_evaluation(tmp_path, tiny_model):
     data = tmp_path / "nq-open-3_total_documents.jsonl.gz"
     write_jsonl(str(data), [record(i) for i in range(4)])
@@ -130,9 +168,17 @@ def test_lanes_rejects_bad_arguments(tmp_path):
     env = dict(os.environ, OUT_DIR=str(tmp_path / "out"))
     cases = [(["base"], "bad variant name"), (["a/b:LR=1"], "bad variant name"), ([":LR=1"], "bad variant name"),
              (["x:LR=1", "x:LR=2"], "given twice"), (["x:LR=1 rm"], "'rm' in variant"),
-             (["x:A=*"], "is not VAR=VALUE"), ([], "usage")]
+             (["x:A=*"], "is not VAR=VALUE")]
     for variants, message in cases:
         proc = subprocess.run(["bash", LANES, *variants], capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, (variants, proc.stderr)
+    # no variant, no stage 1 and no base: nothing to run
+    proc = subprocess.run(["bash", LANES], capture_output=True, text=True,
+                          env=dict(env, SKIP_BASE="1", SKIP_STAGE1="1"), timeout=60)
+    assert proc.returncode == 2 and "usage" in proc.stderr
+    for variants, message in [(["x"], "GPUS must be GPU ids"), ([], "usage")]:
+        proc = subprocess.run(["bash", GPUS, *variants], capture_output=True, text=True, env=dict(env, GPUS="0 a"),
+                              timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (variants, proc.stderr)
     proc = subprocess.run(["bash", LANES, "x"], capture_output=True, text=True, env=dict(env, EVAL_PARALLEL="0"),
                           timeout=60)
