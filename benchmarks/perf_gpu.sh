@@ -24,7 +24,9 @@ if [ -n "${PEAK_TFLOPS:-}" ]; then TRAIN_EXTRA=(--peak_tflops "$PEAK_TFLOPS"); f
 if [ "${COMPILE:-0}" = 1 ]; then TRAIN_EXTRA+=(--compile); fi
 if [ "${PROFILE:-0}" = 1 ]; then TRAIN_EXTRA+=(--profile); fi
 mkdir -p "$OUT_DIR"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/gpu.txt" || true
+gpu_ids=()  # the GPU the benchmarks run on, not every GPU of the machine
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then gpu_ids=(-i "${CUDA_VISIBLE_DEVICES%%,*}"); fi
+nvidia-smi "${gpu_ids[@]}" --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/gpu.txt" || true
 
 train() {  # $1: 1 with gradient checkpointing, 0 without
     local flag=() tag=nogc

@@ -98,7 +98,11 @@ train)
     : > "$OUT_DIR/$name.gpu_mem.csv"
     if command -v nvidia-smi > /dev/null; then
         # The poller must not outlive a failed step: it would hold the caller's pipes open.
-        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT_DIR/$name.gpu_mem.csv" 2>/dev/null &
+        # only this run's GPUs: nvidia-smi ignores CUDA_VISIBLE_DEVICES and lists every GPU of the machine
+        gpu_ids=()
+        if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then gpu_ids=(-i "$CUDA_VISIBLE_DEVICES"); fi
+        nvidia-smi "${gpu_ids[@]}" --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 \
+            > "$OUT_DIR/$name.gpu_mem.csv" 2>/dev/null &
         poller=$!
         trap 'kill "$poller" 2>/dev/null || true' EXIT
     fi

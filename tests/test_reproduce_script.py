@@ -121,12 +121,19 @@ def test_gpus_stage1_once_then_one_lane_per_gpu(tmp_path, tiny_model):
     data = tmp_path / "nq-open-3_total_documents.jsonl.gz"
     write_jsonl(str(data), [record(i) for i in range(10)])
     out, work = tmp_path / "out", tmp_path / "work"
+    # a stand-in nvidia-smi: what the memory poller asks for, one reading
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "smi_args"}\necho 1234\n')
+    smi.chmod(0o755)
     # GPU id 0 twice: two lanes on one device (on CPU the id selects nothing)
     env = dict(
         os.environ, OMP_NUM_THREADS="1", GPUS="0 0", MODEL=tiny_model, DATA=str(data), OUT_DIR=str(out),
         WORK_DIR=str(work), TOTAL_DOC=str(TOTAL), GOLD_DOC="0", LIMIT="6", NUM="2", K="2", EVAL_NUM="2",
         EVAL_POSITIONS="0", EVAL_BATCH="8", TRAIN_BATCH="2", MICRO_BATCH="2", MAX_LEN="2048", LR="1e-4",
-        MASTER_PORT=str(free_port()), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+        MASTER_PORT=str(free_port()),
+        PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
     )
     proc = subprocess.run(["bash", GPUS, "a", "b:KD_COEF=1,0,0,0", "c"], capture_output=True, text=True, env=env,
                           timeout=900)
@@ -144,6 +151,10 @@ def test_gpus_stage1_once_then_one_lane_per_gpu(tmp_path, tiny_model):
             assert (out / f"gpu{lane}" / f"{name}_nq_summary_{TOTAL}docs.json").is_file()
     [checkpoint] = (work / "gpu1" / "checkpoints" / "nq" / "b").glob("*_kd1.0_lm0.0_rank0.0_adaptive0.0_1.0")
     assert json.loads((checkpoint / "kd_args.json").read_text())["kd_coef"] == [1.0, 0.0, 0.0, 0.0]
+    # the memory poller watched the lane's GPU only (nvidia-smi lists all GPUs unless told)
+    polls = [line for line in (tmp_path / "smi_args").read_text().splitlines() if "memory.used" in line]
+    assert len(polls) == 3 and all(line.startswith("-i 0 ") for line in polls), polls
+    assert json.loads((out / "gpu1" / "b.train_stats.json").read_text())["peak_gpu_mem_mib"] == 1234
     # a bad variant stops the run before stage 1
     proc = subprocess.run(["bash", GPUS, "a", "a"], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2 and "given twice" in proc.stderr
