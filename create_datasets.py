@@ -1,7 +1,8 @@
 """Stage 2: build advantageous/trivial position pairs for distillation.
 
 Reads the stage-1 file raw_data/{dataset}/{model}_{total_doc}docs_{pos}.jsonl.gz,
-keeps the first --example_num examples whose sampled answer is correct and
+keeps the first --example_num examples whose sampled answer is correct (--no_filter:
+the first ones whatever their answer, a control) and
 writes a Hugging Face dataset (save_to_disk) named
 {model}_{total_doc}total_docs_filter_{K}random_{strengthen}strengthen_{N}
 under --output_dir, with position_counts.json (rows per gold position).
@@ -17,6 +18,7 @@ import sys
 
 from pos2distill.errors import UserError, run_cli
 from pos2distill.jsonl import iter_jsonl, remove_stale_temporaries, replace_dir, temporary_name, write_text_atomic
+from pos2distill.metrics import score_prediction
 from pos2distill.pairs import build_rows, dataset_dir_name, position_counts, select_correct
 
 
@@ -28,6 +30,9 @@ def parse_args(argv):
     parser.add_argument("--position_sample_num", type=int, default=4, help="K trivial positions per example")
     parser.add_argument("--strengthen", type=int, default=1, help="anchor copies at the advantageous position")
     parser.add_argument("--example_num", type=int, default=400, help="examples to keep (-1: every correct one)")
+    parser.add_argument("--no_filter", action="store_true",
+                        help="keep the first --example_num examples whatever their answer (a control; the dataset "
+                             "name says nofilter instead of filter)")
     parser.add_argument("--input_path", default=None, help="stage-1 file (default: found under --raw_data_dir)")
     parser.add_argument("--raw_data_dir", default="raw_data")
     parser.add_argument("--output_dir", default="data")
@@ -69,22 +74,25 @@ def main(argv):
     args = parse_args(argv)
     source = find_stage1_file(args)
     records = [(f"{source}:{line}", record) for line, record in iter_jsonl(source)]
-    kept = select_correct(records, args.example_num, args.total_doc)
+    kept = select_correct(records, args.example_num, args.total_doc, require_correct=not args.no_filter)
+    correct = sum(bool(score_prediction(r["oracle_answer"], r["answers"])) for _, r in kept)
     rows = build_rows(kept, args.total_doc, args.position_sample_num, args.strengthen, args.seed)
     if not rows:
         raise UserError("no rows to write (K = 0 and --strengthen 0?)")
-    name = dataset_dir_name(args.model_name, args.total_doc, args.position_sample_num, args.strengthen, len(kept))
+    name = dataset_dir_name(args.model_name, args.total_doc, args.position_sample_num, args.strengthen, len(kept),
+                            filtered=not args.no_filter)
     path = os.path.join(args.output_dir, name)
     os.makedirs(args.output_dir, exist_ok=True)
     save_dataset(rows, path)
     counts = position_counts(rows, args.total_doc)
     stats = {
-        "source": source, "examples_read": len(records), "examples_kept": len(kept),
+        "source": source, "examples_read": len(records), "examples_kept": len(kept), "kept_correct": correct,
+        "filtered": not args.no_filter,
         "advantageous_position": rows[0]["teacher_gold_idx"], "rows": len(rows),
         "anchor_rows": sum(r["is_anchor"] for r in rows), "rows_per_position": counts, "seed": args.seed,
     }
     write_text_atomic(os.path.join(args.output_dir, f"{name}.position_counts.json"), json.dumps(stats, indent=1))
-    print(f"kept {len(kept)} correct examples (read {len(records)}); {len(rows)} rows, "
+    print(f"kept {len(kept)} examples, {correct} with a correct answer (read {len(records)}); {len(rows)} rows, "
           f"{stats['anchor_rows']} anchors at position {stats['advantageous_position']}")
     print("rows per position: " + " ".join(f"{p}:{n}" for p, n in counts.items()))
     print(f"wrote {path}")

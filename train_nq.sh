@@ -15,7 +15,9 @@ TOTAL_DOCS=${TOTAL_DOCS:-20}
 K=${K:-4}
 STRENGTHEN=${STRENGTHEN:-1}
 NUM=${NUM:-400}
-DATASET=${DATASET:-${MODEL_NAME}_${TOTAL_DOCS}total_docs_filter_${K}random_${STRENGTHEN}strengthen_${NUM}}
+FILTER=${FILTER:-1}                              # 0: the dataset of create_datasets.py --no_filter
+if [ "$FILTER" = 1 ]; then filter=filter; else filter=nofilter; fi
+DATASET=${DATASET:-${MODEL_NAME}_${TOTAL_DOCS}total_docs_${filter}_${K}random_${STRENGTHEN}strengthen_${NUM}}
 DATA_ROOT=${DATA_ROOT:-data}
 SAVE_PATH=${SAVE_PATH:-checkpoints/${DATASET_NAME}}
 CKPT_PATH=${CKPT_PATH:-checkpoints/${DATASET_NAME}/_deepspeed_ckpt}   # for --save_steps N / --load_checkpoint

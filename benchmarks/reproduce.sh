@@ -20,7 +20,8 @@
 # - data: DATASET_NAME (nq; kv, tqa, ...: names the folders), TOTAL_DOC (20), SEED (42);
 # - stage 1: GOLD_DOC (auto: probed; or an index), LIMIT (the first N questions only; empty:
 #   all but the held-out EVAL_NUM);
-# - stage 2: NUM (400), K (4), STRENGTHEN (1);
+# - stage 2: NUM (400), K (4), STRENGTHEN (1), FILTER (1; 0: the first NUM examples whatever their
+#   answer, create_datasets.py --no_filter: a control for how much comes from correct-only targets);
 # - stage 3: KD_COEF (0,0,0,1), PERSERVE (1.0), LR (1e-5), EPOCHS (1), TRAIN_BATCH (32),
 #   NUM_GPUS (1), MICRO_BATCH (TRAIN_BATCH / NUM_GPUS: the adaptive loss's group statistics then
 #   cover the whole global batch, as 8 GPUs x 4 did), MAX_LEN (8192); train_nq.sh's own knobs
@@ -55,6 +56,7 @@ LIMIT=${LIMIT:-}
 NUM=${NUM:-400}
 K=${K:-4}
 STRENGTHEN=${STRENGTHEN:-1}
+FILTER=${FILTER:-1}
 EVAL_NUM=${EVAL_NUM:-500}
 EVAL_POSITIONS=${EVAL_POSITIONS:-all}
 EVAL_BATCH=${EVAL_BATCH:-256}
@@ -91,7 +93,9 @@ stage1)
     ;;
 train)
     name=${2:?usage: reproduce.sh train NAME}
-    python "$ROOT/create_datasets.py" --model_name "$MODEL_NAME" --dataset_name "$DS" --total_doc "$TOTAL_DOC" \
+    no_filter=()
+    if [ "$FILTER" != 1 ]; then no_filter=(--no_filter); fi
+    python "$ROOT/create_datasets.py" "${no_filter[@]}" --model_name "$MODEL_NAME" --dataset_name "$DS" --total_doc "$TOTAL_DOC" \
         --position_sample_num "$K" --strengthen "$STRENGTHEN" --example_num "$NUM" --seed "$SEED" \
         --raw_data_dir "$WORK/raw_data" --output_dir "$WORK/data"
     rm -rf "checkpoints/$DS/$name"
@@ -108,7 +112,7 @@ train)
     fi
     start=$(date +%s.%N)
     # The teacher stays on the GPU (no offload).
-    MODEL="$MODEL" MODEL_NAME="$MODEL_NAME" TOTAL_DOCS="$TOTAL_DOC" K="$K" STRENGTHEN="$STRENGTHEN" NUM="$NUM" \
+    MODEL="$MODEL" MODEL_NAME="$MODEL_NAME" TOTAL_DOCS="$TOTAL_DOC" K="$K" STRENGTHEN="$STRENGTHEN" NUM="$NUM" FILTER="$FILTER" \
         LR="${LR:-1e-5}" EPOCHS="${EPOCHS:-1}" KD_COEF="${KD_COEF:-0.0,0.0,0.0,1.0}" PERSERVE="${PERSERVE:-1.0}" \
         TRAIN_BATCH="$TRAIN_BATCH" MICRO_BATCH="$MICRO_BATCH" MAX_LEN="${MAX_LEN:-8192}" \
         TEACHER_OFFLOAD=0 NUM_GPUS="$NUM_GPUS" DATA_ROOT="$WORK/data" SAVE_PATH="$WORK/checkpoints/$DS/$name" DATASET_NAME="$DS" \

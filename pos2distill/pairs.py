@@ -1,7 +1,7 @@
 """Stage 2: advantageous/trivial position pairs from stage-1 answers.
 
-Walk the stage-1 records in order, keep those whose sampled answer is correct,
-stop after ``example_num``. Each kept example becomes ``position_sample_num``
+Walk the stage-1 records in order, keep those whose sampled answer is correct
+(or every one, for the unfiltered control), stop after ``example_num``. Each kept example becomes ``position_sample_num``
 copies with the gold document at distinct trivial positions (sampled without
 replacement) plus ``strengthen`` anchor copies at the advantageous position;
 every copy reshuffles the distractors. The teacher side keeps the stage-1
@@ -18,9 +18,11 @@ from .records import Document
 REQUIRED_STAGE1_FIELDS = ("question", "answers", "gold_document", "distractors", "documents", "gold_idx", "oracle_answer")
 
 
-def dataset_dir_name(model: str, total_docs: int, k: int, strengthen: int, n: int) -> str:
-    """The reference name: {model}_{total}total_docs_filter_{K}random_{strengthen}strengthen_{N}."""
-    return f"{model}_{total_docs}total_docs_filter_{k}random_{strengthen}strengthen_{n}"
+def dataset_dir_name(model: str, total_docs: int, k: int, strengthen: int, n: int, filtered: bool = True) -> str:
+    """The reference name: {model}_{total}total_docs_filter_{K}random_{strengthen}strengthen_{N}
+    ("nofilter" in place of "filter" when the examples were not selected for correct answers)."""
+    kind = "filter" if filtered else "nofilter"
+    return f"{model}_{total_docs}total_docs_{kind}_{k}random_{strengthen}strengthen_{n}"
 
 
 def _check_record(record: dict, where: str, total_docs: int) -> None:
@@ -37,14 +39,19 @@ def _check_record(record: dict, where: str, total_docs: int) -> None:
         raise UserError(f"{where}: documents[gold_idx={gold_idx}] is not the record's 'gold_document'")
 
 
-def select_correct(records: list[tuple[str, dict]], example_num: int, total_docs: int) -> list[tuple[str, dict]]:
-    """The first ``example_num`` records whose oracle answer is correct (-1: all of them)."""
+def select_correct(
+    records: list[tuple[str, dict]], example_num: int, total_docs: int, require_correct: bool = True
+) -> list[tuple[str, dict]]:
+    """The first ``example_num`` records whose oracle answer is correct (-1: all of them).
+
+    ``require_correct=False`` keeps the first ``example_num`` whatever their answer: a control
+    that tells the gain of learning from correct answers only apart from the rest."""
     if example_num < -1 or example_num == 0:
         raise UserError(f"--example_num must be -1 (every correct example) or at least 1, got {example_num}")
     kept = []
     for where, record in records:
         _check_record(record, where, total_docs)
-        if score_prediction(record["oracle_answer"], record["answers"]):
+        if not require_correct or score_prediction(record["oracle_answer"], record["answers"]):
             kept.append((where, record))
             if len(kept) == example_num:
                 break

@@ -1,4 +1,5 @@
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,12 @@ def records(n, wrong=()):
 def test_filter_keeps_first_correct_in_order():
     kept = select_correct(records(10, wrong={1, 3}), 4, TOTAL)
     assert [r["example_id"] for _, r in kept] == [0, 2, 4, 5]
+
+
+def test_unfiltered_control_keeps_first_whatever_the_answer():
+    kept = select_correct(records(10, wrong={1, 3}), 4, TOTAL, require_correct=False)
+    assert [r["example_id"] for _, r in kept] == [0, 1, 2, 3]
+    assert dataset_dir_name("m", 20, 4, 1, 400, filtered=False) == "m_20total_docs_nofilter_4random_1strengthen_400"
 
 
 def test_filter_error_says_how_many_passed():
@@ -115,6 +122,15 @@ def test_create_datasets_cli_is_byte_identical_across_runs(tmp_path):
 
     dataset = load_from_disk(str(tmp_path / "a" / dataset_dir_name("m", TOTAL, 2, 1, 5)))
     assert len(dataset) == 15 and set(dataset.column_names) >= {"question", "documents", "gold_idx", "is_anchor"}
+
+    # --no_filter: the first 5 examples, the wrong one (#2) among them, under a "nofilter" name
+    done = subprocess.run(cmd + ["--no_filter"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "kept 5 examples, 4 with a correct answer" in done.stdout
+    name = dataset_dir_name("m", TOTAL, 2, 1, 5, filtered=False)
+    stats = json.loads((out / f"{name}.position_counts.json").read_text())
+    assert stats["filtered"] is False and stats["kept_correct"] == 4
+    assert sorted(set(load_from_disk(str(out / name))["example_id"])) == [0, 1, 2, 3, 4]
 
 
 def test_create_datasets_cli_error_is_one_line(tmp_path):
