@@ -47,7 +47,8 @@ fi
 LAUNCH=(deepspeed --master_port "$MASTER_PORT")
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
     # The launcher ignores CUDA_VISIBLE_DEVICES when --num_gpus is given and would start on GPU 0
-    # whatever the caller chose: leave it to the launcher, which turns it into --include.
+    # whatever the caller chose: leave it to the launcher, which turns it into --include
+    # (numeric ids only: it cannot parse GPU UUIDs or MIG names).
     visible=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c .)
     if [ -n "$NUM_GPUS" ] && [ "$NUM_GPUS" != "$visible" ]; then
         echo "error: NUM_GPUS=$NUM_GPUS but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES names $visible GPU(s)" >&2

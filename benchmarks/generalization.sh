@@ -49,13 +49,17 @@ read -r -a models <<< "${MODELS-base $CKPT}"
 both=0 has_base=0 has_ckpt=0
 for name in "${models[@]}"; do
     case "$name" in
-    base) has_base=1 ;;
-    "$CKPT") has_ckpt=1 ;;
+    base) has_base=$((has_base + 1)) ;;
+    "$CKPT") has_ckpt=$((has_ckpt + 1)) ;;
     *) echo "error: MODELS may name base and $CKPT only, got '$name'" >&2; exit 2 ;;
     esac
 done
+if [ "$has_base" -gt 1 ] || [ "$has_ckpt" -gt 1 ]; then  # two evaluations would write the same files
+    echo "error: MODELS names a model twice: ${models[*]}" >&2
+    exit 2
+fi
 if [ "${#models[@]}" -eq 0 ]; then echo "error: MODELS is empty" >&2; exit 2; fi
-if [ "$has_base" = 1 ] && [ "$has_ckpt" = 1 ]; then both=1; fi
+if [ "$has_base" -ge 1 ] && [ "$has_ckpt" -ge 1 ]; then both=1; fi
 
 every_fifth() {  # 0,5,10,... and the last index of $1 slots
     local n=$1 list="" i
@@ -112,7 +116,7 @@ docs)
         began=$SECONDS
         eval_pair nq "$data" "$k" "${!pos_var:-$default_positions}" "${!num_var:-${EVAL_NUM:-500}}" \
             "${!batch_var:-$default_batch}"
-        echo "nq, $k documents: base and $CKPT evaluated in $((SECONDS - began)) s"
+        echo "nq, $k documents: ${models[*]} evaluated in $((SECONDS - began)) s"
     done
     summarize nq "${counts[@]}"
     echo "generalization docs done"
@@ -122,7 +126,7 @@ kv)
     keys=${KV_KEYS:-75}
     began=$SECONDS
     eval_pair kv "$KV_DATA" "$keys" "${KV_POSITIONS:-$(every_fifth "$keys")}" "${KV_NUM:-500}" "${EVAL_BATCH:-128}"
-    echo "kv, $keys keys: base and $CKPT evaluated in $((SECONDS - began)) s"
+    echo "kv, $keys keys: ${models[*]} evaluated in $((SECONDS - began)) s"
     summarize kv "$keys"
     echo "generalization kv done"
     ;;

@@ -23,8 +23,9 @@
 # - stage 2: NUM (400), K (4), STRENGTHEN (1), FILTER (1; 0: the first NUM examples whatever their
 #   answer, create_datasets.py --no_filter: a control for how much comes from correct-only targets);
 # - stage 3: KD_COEF (0,0,0,1), PERSERVE (1.0), LR (1e-5), EPOCHS (1), TRAIN_BATCH (32),
-#   NUM_GPUS (1), MICRO_BATCH (TRAIN_BATCH / NUM_GPUS: the adaptive loss's group statistics then
-#   cover the whole global batch, as 8 GPUs x 4 did), MAX_LEN (8192); train_nq.sh's own knobs
+#   NUM_GPUS (the number of ids in CUDA_VISIBLE_DEVICES, else 1), MICRO_BATCH (TRAIN_BATCH /
+#   NUM_GPUS: the adaptive loss's group statistics then cover the whole global batch, as 8 GPUs x
+#   4 did), MAX_LEN (8192); train_nq.sh's own knobs
 #   (GRAD_CKPT, ZERO_STAGE, ...) pass through the environment;
 # - stage 4: EVAL_NUM (500), EVAL_POSITIONS (all), EVAL_BATCH (256), POSITIONS_PER_CALL (4),
 #   EVAL_COMPACT (1: --compact_finished) — docs/performance.md: a decoding step costs tens of ms
@@ -63,7 +64,11 @@ EVAL_BATCH=${EVAL_BATCH:-256}
 POSITIONS_PER_CALL=${POSITIONS_PER_CALL:-4}
 EVAL_COMPACT=${EVAL_COMPACT:-1}
 SEED=${SEED:-42}
-NUM_GPUS=${NUM_GPUS:-1}
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then  # default: every GPU the caller made visible, else one
+    NUM_GPUS=${NUM_GPUS:-$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c .)}
+else
+    NUM_GPUS=${NUM_GPUS:-1}
+fi
 TRAIN_BATCH=${TRAIN_BATCH:-32}
 MICRO_BATCH=${MICRO_BATCH:-$((TRAIN_BATCH / NUM_GPUS))}  # micro-batch x GPUs = global batch (header)
 STEP=${1:?usage: reproduce.sh stage1 | train NAME | eval NAME}

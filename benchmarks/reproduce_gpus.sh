@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # reproduce_lanes.sh over several GPUs of one machine: stage 1 once (on the first GPU), then the
-# variants dealt round-robin to GPUS, one reproduce_lanes.sh per GPU (training lane + evaluation
-# lane), each with its own WORK_DIR/gpuI, OUT_DIR/gpuI and MASTER_PORT. The base evaluation (unless
-# SKIP_BASE=1) goes to the last lane, which gets the fewest variants.
+# variants dealt round-robin to the lanes, lane I on the I-th id of GPUS (counting from 0), one
+# reproduce_lanes.sh per lane (training lane + evaluation lane), each with its own WORK_DIR/gpuI,
+# OUT_DIR/gpuI and MASTER_PORT. The base evaluation (unless SKIP_BASE=1) goes to the last lane,
+# which gets the fewest variants.
 #
 #   GPUS="0 1 2 3" OUT_DIR=$OUT WORK_DIR=/root/work LIMIT=1200 GOLD_DOC=0 LR=5e-6 \
 #       bash benchmarks/reproduce_gpus.sh p2d "kl:KD_COEF=1,0,0,0" "seqkd:KD_COEF=0,1,0,0" ...
 #
-# GPUS: the GPU ids (default: every GPU nvidia-smi lists); an id given twice runs two lanes on that
-# GPU. Variants and every other knob as in reproduce_lanes.sh / reproduce.sh. SKIP_STAGE1=1 takes
+# GPUS: the GPU ids (default: those of CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists; ids
+# as nvidia-smi numbers them, so set CUDA_DEVICE_ORDER=PCI_BUS_ID on machines with mixed GPUs); an
+# id given twice runs two lanes on that GPU. Variants and every other knob as in reproduce_lanes.sh / reproduce.sh. SKIP_STAGE1=1 takes
 # stage 1's answers from WORK_DIR/raw_data (reproduce.sh stage1 copies them to OUT_DIR for that).
-# Files: OUT_DIR/stage1.log and stage 1's answers; lane I's in OUT_DIR/gpuI/ (lanes.log,
-# NAME.train.log, NAME.eval.log, summaries, predictions). OUT_DIR/gpus.log says which variants
-# went where and ends with "gpus done status=N" (0: every step of every lane succeeded).
-# Stopping the script (INT/TERM) stops every lane. On the device tool start it with setsid in the
+# Files: OUT_DIR/stage1.log, lanes.log, stage1.out and stage 1's answers; lane I's in OUT_DIR/gpuI/
+# (lanes.log, lanes.out, NAME.train.log, NAME.eval.log, summaries, predictions). OUT_DIR/gpus.log
+# says which variants went where and ends with "gpus done status=N" (0: every step of every lane
+# succeeded). Stopping the script (INT/TERM) stops every lane (exit status 130). On the device tool start it with setsid in the
 # background and poll OUT_DIR/gpus.log.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -25,7 +27,9 @@ mkdir -p "$WORK"
 WORK=$(realpath "$WORK")
 [ "$#" -ge 1 ] || { echo "usage: reproduce_gpus.sh NAME[:VAR=VALUE ...] ..." >&2; exit 2; }
 if [ -z "${GPUS+x}" ]; then
-    GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader 2> /dev/null | tr '\n' ' ')
+    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then GPUS=${CUDA_VISIBLE_DEVICES//,/ }
+    else GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader 2> /dev/null | tr '\n' ' ')
+    fi
 fi
 read -r -a gpus <<< "$GPUS"
 [ "${#gpus[@]}" -ge 1 ] || { echo "error: no GPUs (set GPUS, e.g. GPUS=\"0 1\")" >&2; exit 2; }
@@ -34,6 +38,12 @@ for gpu in "${gpus[@]}"; do
 done
 # every variant checked (and no name twice) before anything runs
 CHECK_ONLY=1 OUT_DIR=$OUT_DIR bash "$HERE/reproduce_lanes.sh" "$@" || exit 2
+for i in "${!gpus[@]}"; do  # a lane's raw_data must be the shared one (a link), not an old copy
+    if [ -e "$WORK/gpu$i/raw_data" ] && [ ! -L "$WORK/gpu$i/raw_data" ]; then
+        echo "error: $WORK/gpu$i/raw_data is a folder of an earlier run; remove it (stage 1's answers are shared from $WORK/raw_data)" >&2
+        exit 2
+    fi
+done
 PORT0=${MASTER_PORT:-6666}
 
 log() { echo "$(date +%H:%M:%S) $*" >> "$OUT_DIR/gpus.log"; }
@@ -44,7 +54,7 @@ trap 'trap - INT TERM; log "stopped"; for pid in "${pids[@]}"; do kill -TERM "$p
 
 if [ "${SKIP_STAGE1:-0}" != 1 ]; then
     log "stage1 on GPU ${gpus[0]}"
-    CUDA_VISIBLE_DEVICES=${gpus[0]} WORK_DIR=$WORK OUT_DIR=$OUT_DIR SKIP_BASE=1 bash "$HERE/reproduce_lanes.sh" \
+    CUDA_VISIBLE_DEVICES=${gpus[0]} WORK_DIR=$WORK OUT_DIR=$OUT_DIR SKIP_BASE=1 CHECK_ONLY=0 bash "$HERE/reproduce_lanes.sh" \
         > "$OUT_DIR/stage1.out" 2>&1 &
     pids=($!)
     if ! wait "${pids[0]}"; then log "stage1 failed (OUT_DIR/stage1.log)"; log "gpus done status=1"; exit 1; fi
@@ -69,7 +79,7 @@ for i in "${!gpus[@]}"; do
     ln -sfn "$WORK/raw_data" "$WORK/gpu$i/raw_data"  # stage 1's answers, shared
     log "lane $i on GPU ${gpus[i]}: ${variants[*]}$([ "$skip_base" = 0 ] && echo ' + base')"
     CUDA_VISIBLE_DEVICES=${gpus[i]} MASTER_PORT=$((PORT0 + i)) WORK_DIR=$WORK/gpu$i OUT_DIR=$OUT_DIR/gpu$i \
-        SKIP_STAGE1=1 SKIP_BASE=$skip_base bash "$HERE/reproduce_lanes.sh" "${variants[@]}" \
+        SKIP_STAGE1=1 SKIP_BASE=$skip_base CHECK_ONLY=0 bash "$HERE/reproduce_lanes.sh" "${variants[@]}" \
         > "$OUT_DIR/gpu$i/lanes.out" 2>&1 &
     pids+=($!)
 done

@@ -55,13 +55,11 @@ def select_correct(
             kept.append((where, record))
             if len(kept) == example_num:
                 break
+    passing = "pass the filter (correct oracle answer)" if require_correct else "are in the stage-1 file"
     if not kept:
-        raise UserError(f"none of the {len(records)} examples pass the filter (correct oracle answer); nothing to train on")
+        raise UserError(f"none of the {len(records)} examples {passing}; nothing to train on")
     if example_num >= 0 and len(kept) < example_num:
-        raise UserError(
-            f"only {len(kept)} of {len(records)} examples pass the filter (correct oracle answer); "
-            f"lower --example_num (asked for {example_num})"
-        )
+        raise UserError(f"only {len(kept)} of {len(records)} examples {passing}; lower --example_num (asked for {example_num})")
     return kept
 
 

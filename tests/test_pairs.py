@@ -45,6 +45,8 @@ def test_unfiltered_control_keeps_first_whatever_the_answer():
     kept = select_correct(records(10, wrong={1, 3}), 4, TOTAL, require_correct=False)
     assert [r["example_id"] for _, r in kept] == [0, 1, 2, 3]
     assert dataset_dir_name("m", 20, 4, 1, 400, filtered=False) == "m_20total_docs_nofilter_4random_1strengthen_400"
+    with pytest.raises(UserError, match="only 10 of 10 examples are in the stage-1 file"):
+        select_correct(records(10), 11, TOTAL, require_correct=False)
 
 
 def test_filter_error_says_how_many_passed():

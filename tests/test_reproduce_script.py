@@ -134,6 +134,7 @@ def test_gpus_stage1_once_then_one_lane_per_gpu(tmp_path, tiny_model):
         EVAL_POSITIONS="0", EVAL_BATCH="8", TRAIN_BATCH="2", MICRO_BATCH="2", MAX_LEN="2048", LR="1e-4",
         MASTER_PORT=str(free_port()),
         PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+        CHECK_ONLY="1",  # a caller's leftover: only the up-front check of the variants may see it
     )
     proc = subprocess.run(["bash", GPUS, "a", "b:KD_COEF=1,0,0,0", "c:FILTER=0"], capture_output=True, text=True, env=env,
                           timeout=900)
@@ -160,6 +161,11 @@ def test_gpus_stage1_once_then_one_lane_per_gpu(tmp_path, tiny_model):
     # a bad variant stops the run before stage 1
     proc = subprocess.run(["bash", GPUS, "a", "a"], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2 and "given twice" in proc.stderr
+    # a lane folder holding its own stage-1 answers (an earlier single-GPU run) is refused
+    (work / "gpu1" / "raw_data").unlink()
+    (work / "gpu1" / "raw_data").mkdir()
+    proc = subprocess.run(["bash", GPUS, "a"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "gpu1/raw_data is a folder of an earlier run" in proc.stderr
 
 
 def test_lanes_failed_training_skips_its_evaluation(tmp_path, tiny_model):
@@ -196,6 +202,11 @@ def test_lanes_rejects_bad_arguments(tmp_path):
     proc = subprocess.run(["bash", LANES, "x"], capture_output=True, text=True, env=dict(env, EVAL_PARALLEL="0"),
                           timeout=60)
     assert proc.returncode == 2 and "EVAL_PARALLEL" in proc.stderr
+    # generalization.sh MODELS: base and CKPT only, each once
+    for models, message in [("base base", "names a model twice"), ("base x", "base and p only"), ("", "is empty")]:
+        proc = subprocess.run(["bash", GENERALIZATION, "docs"], capture_output=True, text=True,
+                              env=dict(env, MODEL="m", CKPT="p", MODELS=models), timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, (models, proc.stderr)
 
 
 def test_lanes_stopped_stops_its_steps(tmp_path, tiny_model):

@@ -183,6 +183,29 @@ def test_bad_kd_coef_through_the_deepspeed_launcher(tmp_path):
     assert "Traceback" not in output
 
 
+def test_train_nq_sh_lets_the_launcher_take_cuda_visible_devices(tmp_path):
+    # deepspeed ignores CUDA_VISIBLE_DEVICES once --num_gpus is given (it would start on GPU 0):
+    # a stand-in launcher records what train_nq.sh passes
+    (tmp_path / "deepspeed").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "args"}\n')
+    (tmp_path / "deepspeed").chmod(0o755)
+    script = os.path.join(ROOT, "train_nq.sh")
+
+    def launch(**env):
+        full = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}", **env)
+        proc = subprocess.run(["bash", script], capture_output=True, text=True, env=full, timeout=60)
+        args = (tmp_path / "args").read_text() if (tmp_path / "args").exists() else ""
+        (tmp_path / "args").unlink(missing_ok=True)
+        return proc, args
+
+    proc, args = launch(CUDA_VISIBLE_DEVICES="2,3", NUM_GPUS="2")
+    assert proc.returncode == 0 and args.startswith("--master_port 6666 kd/train_kd.py") and "--num_gpus" not in args
+    proc, args = launch(CUDA_VISIBLE_DEVICES="2,3", NUM_GPUS="1")
+    assert proc.returncode == 2 and "NUM_GPUS=1 but CUDA_VISIBLE_DEVICES=2,3 names 2 GPU(s)" in proc.stderr
+    assert args == ""
+    proc, args = launch(CUDA_VISIBLE_DEVICES="", NUM_GPUS="4")
+    assert proc.returncode == 0 and args.startswith("--master_port 6666 --num_gpus 4 kd/train_kd.py")
+
+
 def test_resume_refuses_a_checkpoint_with_another_data_order():
     from kd.train_kd import check_data_order, data_order, parse_args
     from pos2distill.errors import UserError
