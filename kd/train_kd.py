@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max_samples", type=int, default=1000000, help="use at most this many rows")
     data.add_argument("--max_len", type=int, default=32000, help="drop longer teacher/student sequences")
     data.add_argument("--apply_chat_template", action="store_true", help="use the tokenizer's chat template")
+    data.add_argument("--group_by_example", action="store_true",
+                      help="shuffle whole examples, not rows: an example's copies share a micro-batch and one "
+                           "teacher forward (faster; changes the batch mix, see kd/example_sampler.py)")
 
     kd = parser.add_argument_group("distillation")
     kd.add_argument("--pretrain", required=True, help="student model (folder or hub id)")
@@ -190,9 +193,12 @@ def load_training_data(args):
 
 def data_order(args, dataset_path: str, usable_rows: int, world_size: int) -> dict:
     """What decides which rows each optimizer step sees; a resumed run must match it."""
-    return {"dataset": os.path.abspath(dataset_path), "usable_rows": usable_rows, "seed": args.seed,
-            "train_batch_size": args.train_batch_size, "micro_train_batch_size": args.micro_train_batch_size,
-            "processes": world_size}
+    order = {"dataset": os.path.abspath(dataset_path), "usable_rows": usable_rows, "seed": args.seed,
+             "train_batch_size": args.train_batch_size, "micro_train_batch_size": args.micro_train_batch_size,
+             "processes": world_size}
+    if args.group_by_example:  # only when set: checkpoints from before the flag stay resumable
+        order["group_by_example"] = True
+    return order
 
 
 def check_data_order(saved, current: dict, ckpt_path: str) -> None:
@@ -224,6 +230,7 @@ def train(args) -> None:
 
     from kd import flash_attn_fallback
     from kd.strategy import KDStrategy
+    from kd.example_sampler import ExampleGroupedSampler, teacher_groups
     from kd.trainer import Pos2DistillTrainer
 
     flash_attn_fallback.import_openrlhf()  # before the first openrlhf import
@@ -254,8 +261,14 @@ def train(args) -> None:
         f"--max_len {args.max_len}; {dataset.empty_answers} with an empty first answer line (response = EOS)"
     )
     steps_per_epoch = len(dataset) // args.train_batch_size  # at least 1: checked in load_training_data
+    sampler = None
+    if args.group_by_example:
+        groups = teacher_groups([item["teacher_ids"] for item in dataset.items])
+        sampler = ExampleGroupedSampler(groups, args.micro_train_batch_size, strategy.world_size,
+                                        strategy.get_rank(), seed=args.seed)
+        strategy.print(f"--group_by_example: {len(groups)} examples ({len(dataset) / len(groups):.1f} rows each)")
     dataloader = strategy.setup_dataloader(
-        dataset, args.micro_train_batch_size, strategy.use_cuda, True, dataset.collate_fn
+        dataset, args.micro_train_batch_size, strategy.use_cuda, True, dataset.collate_fn, sampler=sampler
     )
 
     optim = strategy.create_optimizer(model, lr=args.learning_rate, betas=tuple(args.adam_betas), weight_decay=args.l2)

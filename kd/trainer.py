@@ -6,6 +6,7 @@ from tqdm import tqdm
 from pos2distill.errors import UserError
 
 from . import flash_attn_fallback
+from .example_sampler import ExampleGroupedSampler
 from .losses import LOSS_NAMES, DistillationLoss, response_logits
 
 flash_attn_fallback.import_openrlhf()
@@ -99,7 +100,7 @@ class Pos2DistillTrainer(KDTrainer):
         for epoch in range(start_epoch, self.epochs):
             done = global_step - epoch * steps_per_epoch
             sampler = self.train_dataloader.sampler
-            if isinstance(sampler, DistributedSampler):
+            if isinstance(sampler, (DistributedSampler, ExampleGroupedSampler)):
                 sampler.set_epoch(epoch, consumed_samples=done * args.train_batch_size)
             step_bar = tqdm(
                 total=steps_per_epoch, initial=done, desc=f"Train epoch {epoch}", disable=not self.strategy.is_rank_0()

@@ -136,12 +136,12 @@ def test_gpus_stage1_once_then_one_lane_per_gpu(tmp_path, tiny_model):
         PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
         CHECK_ONLY="1",  # a caller's leftover: only the up-front check of the variants may see it
     )
-    proc = subprocess.run(["bash", GPUS, "a", "b:KD_COEF=1,0,0,0", "c:FILTER=0"], capture_output=True, text=True, env=env,
+    proc = subprocess.run(["bash", GPUS, "a:GROUP_BY_EXAMPLE=1", "b:KD_COEF=1,0,0,0", "c:FILTER=0"], capture_output=True, text=True, env=env,
                           timeout=900)
     log = (out / "gpus.log").read_text()
     logs = "".join(f"--- {f}\n" + f.read_text()[-2000:] for f in out.rglob("*.log"))
     assert proc.returncode == 0, log + logs
-    assert "stage1 done" in log and "lane 0 on GPU 0: a c:FILTER=0" in log and "lane 1 on GPU 0: b:KD_COEF=1,0,0,0 + base" in log
+    assert "stage1 done" in log and "lane 0 on GPU 0: a:GROUP_BY_EXAMPLE=1 c:FILTER=0" in log and "lane 1 on GPU 0: b:KD_COEF=1,0,0,0 + base" in log
     assert log.rstrip().endswith("gpus done status=0")
     assert "stage1 rc=0" in (out / "lanes.log").read_text()
     for lane, names in ((0, ["a", "c"]), (1, ["b", "base"])):
@@ -152,6 +152,9 @@ def test_gpus_stage1_once_then_one_lane_per_gpu(tmp_path, tiny_model):
             assert (out / f"gpu{lane}" / f"{name}_nq_summary_{TOTAL}docs.json").is_file()
     [checkpoint] = (work / "gpu1" / "checkpoints" / "nq" / "b").glob("*_kd1.0_lm0.0_rank0.0_adaptive0.0_1.0")
     assert json.loads((checkpoint / "kd_args.json").read_text())["kd_coef"] == [1.0, 0.0, 0.0, 0.0]
+    # GROUP_BY_EXAMPLE=1 reached the trainer: 2 examples of K + strengthen = 3 rows
+    assert "--group_by_example: 2 examples (3.0 rows each)" in (out / "gpu0" / "a.train.log").read_text()
+    assert "--group_by_example" not in (out / "gpu1" / "b.train.log").read_text()
     # FILTER=0: stage 2 without the correct-answer filter, and the training found that dataset
     assert list((work / "gpu0" / "checkpoints" / "nq" / "c").glob("*_3total_docs_nofilter_2random_1strengthen_2_kd*"))
     # the memory poller watched the lane's GPU only (nvidia-smi lists all GPUs unless told)

@@ -218,6 +218,9 @@ def test_resume_refuses_a_checkpoint_with_another_data_order():
     with pytest.raises(UserError, match=r"--load_checkpoint: ckpt was saved by a run with another data order "
                                         r"\(seed 42 -> 7; processes 2 -> 1\)"):
         check_data_order(saved, data_order(args, "d", 100, 1), "ckpt")
+    args.seed, args.group_by_example = 42, True  # another sampler: another order
+    with pytest.raises(UserError, match=r"group_by_example None -> True"):
+        check_data_order(saved, data_order(args, "d", 100, 2), "ckpt")
 
 
 # --------------------------------------------------------------------------- launcher runs
