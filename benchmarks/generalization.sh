@@ -12,8 +12,8 @@
 #       bash benchmarks/generalization.sh kv
 #
 # Knobs (environment): CKPT (required), MODELS ("base CKPT": evaluate both; one of them alone
-# leaves plots and table to a later run with both, which resumes finished evaluations), CKPT_DATASET (nq), DATA_DIR (where NQ-k files are
-# built: WORK_DIR/qa_data), DOC_COUNTS ("10 30 50"); per document count k, POSITIONS_k (default:
+# leaves plots and table to a later run with both, which resumes finished evaluations),
+# CKPT_DATASET (nq), DATA_DIR (where NQ-k files are built: WORK_DIR/qa_data), DOC_COUNTS ("10 30 50"); per document count k, POSITIONS_k (default:
 # every position up to 30 documents, every 5th and the last above), EVAL_NUM_k (EVAL_NUM, 500)
 # and EVAL_BATCH_k (EVAL_BATCH, 256; 128 above 30 documents); KV_POSITIONS (0 and every 5th
 # key and the last), KV_NUM (500). Everything reproduce.sh reads (SEED, POSITIONS_PER_CALL,

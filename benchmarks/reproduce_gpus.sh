@@ -10,13 +10,14 @@
 #
 # GPUS: the GPU ids (default: those of CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists; ids
 # as nvidia-smi numbers them, so set CUDA_DEVICE_ORDER=PCI_BUS_ID on machines with mixed GPUs); an
-# id given twice runs two lanes on that GPU. Variants and every other knob as in reproduce_lanes.sh / reproduce.sh. SKIP_STAGE1=1 takes
-# stage 1's answers from WORK_DIR/raw_data (reproduce.sh stage1 copies them to OUT_DIR for that).
+# id given twice runs two lanes on that GPU. Variants and every other knob as in reproduce_lanes.sh
+# and reproduce.sh. SKIP_STAGE1=1 takes stage 1's answers from WORK_DIR/raw_data (reproduce.sh
+# stage1 copies them to OUT_DIR for that).
 # Files: OUT_DIR/stage1.log, lanes.log, stage1.out and stage 1's answers; lane I's in OUT_DIR/gpuI/
 # (lanes.log, lanes.out, NAME.train.log, NAME.eval.log, summaries, predictions). OUT_DIR/gpus.log
 # says which variants went where and ends with "gpus done status=N" (0: every step of every lane
-# succeeded). Stopping the script (INT/TERM) stops every lane (exit status 130). On the device tool start it with setsid in the
-# background and poll OUT_DIR/gpus.log.
+# succeeded). Stopping the script (INT/TERM) stops every lane (exit status 130). On the device
+# tool start it with setsid in the background and poll OUT_DIR/gpus.log.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT_DIR=${OUT_DIR:-bench_out}
@@ -40,7 +41,8 @@ done
 CHECK_ONLY=1 OUT_DIR=$OUT_DIR bash "$HERE/reproduce_lanes.sh" "$@" || exit 2
 for i in "${!gpus[@]}"; do  # a lane's raw_data must be the shared one (a link), not an old copy
     if [ -e "$WORK/gpu$i/raw_data" ] && [ ! -L "$WORK/gpu$i/raw_data" ]; then
-        echo "error: $WORK/gpu$i/raw_data is a folder of an earlier run; remove it (stage 1's answers are shared from $WORK/raw_data)" >&2
+        echo "error: $WORK/gpu$i/raw_data is a folder of an earlier run; remove it" \
+            "(stage 1's answers are shared from $WORK/raw_data)" >&2
         exit 2
     fi
 done
@@ -61,19 +63,14 @@ if [ "${SKIP_STAGE1:-0}" != 1 ]; then
     log "stage1 done"
 fi
 
-lanes=()  # variant i goes to lane i mod N, one per line
-for i in "${!gpus[@]}"; do lanes[i]=""; done
-i=0
-for variant in "$@"; do
-    lanes[i % ${#gpus[@]}]+="$variant"$'\n'
-    i=$((i + 1))
-done
+all=("$@")
 last=$((${#gpus[@]} - 1))
 pids=()
 for i in "${!gpus[@]}"; do
     skip_base=1
     if [ "$i" = "$last" ] && [ "${SKIP_BASE:-0}" != 1 ]; then skip_base=0; fi
-    mapfile -t variants < <(printf '%s' "${lanes[i]}")
+    variants=()  # lane i gets variants i, i + N, i + 2N, ...
+    for ((j = i; j < ${#all[@]}; j += ${#gpus[@]})); do variants+=("${all[j]}"); done
     if [ "${#variants[@]}" -eq 0 ] && [ "$skip_base" = 1 ]; then continue; fi
     mkdir -p "$WORK/gpu$i" "$OUT_DIR/gpu$i"
     ln -sfn "$WORK/raw_data" "$WORK/gpu$i/raw_data"  # stage 1's answers, shared

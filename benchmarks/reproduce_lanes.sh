@@ -14,10 +14,10 @@
 #
 # A variant is NAME or NAME:VAR=VALUE VAR=VALUE ... (environment for that step only, on top of
 # the caller's, which reproduce.sh reads). No variant: stage 1 and/or base alone. CHECK_ONLY=1
-# checks the variants and runs nothing. Several GPUs: reproduce_gpus.sh runs one of these per GPU. Logs: OUT_DIR/stage1.log, OUT_DIR/NAME.train.log,
-# OUT_DIR/NAME.eval.log; OUT_DIR/lanes.log says when each step ended and how. A failed training
-# skips that variant's evaluation; the other variants go on. Exit status: 0 when every step
-# succeeded. The script returns when both lanes are done; on the device tool start it with
+# checks the variants and runs nothing. Several GPUs: reproduce_gpus.sh runs one of these per GPU.
+# Logs: OUT_DIR/stage1.log, OUT_DIR/NAME.train.log, OUT_DIR/NAME.eval.log; OUT_DIR/lanes.log
+# says when each step ended and how. A failed training skips that variant's evaluation; the
+# other variants go on. Exit status: 0 when every step succeeded. The script returns when both lanes are done; on the device tool start it with
 # setsid in the background and poll OUT_DIR/lanes.log for "lanes done".
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
