@@ -4,7 +4,7 @@
 #   OUT_DIR=$OUT bash benchmarks/perf_gpu.sh [train|eval|all]
 # Knobs: TOTAL_DOC (20), MICRO ("1 2 4 8"), GC (1: gradient checkpointing, as train_nq.sh; 0: off;
 # both: two runs), COMPILE (1: torch.compile both models), PROFILE (1: one extra step of "ours"
-# profiled per micro-batch), EVAL_NUM (500), POSITIONS (0,9,19), BATCHES ("64 128"), COMPACT
+# profiled per micro-batch), COPIES (rows per teacher input, as --group_by_example gives: 5), EVAL_NUM (500), POSITIONS (0,9,19), BATCHES ("64 128"), COMPACT
 # (both|on|off), PPC (positions per call, 1), DTYPE (auto|bfloat16|float32: fp32 tells bf16
 # rounding apart from real score differences), PEAK_TFLOPS.
 set -euo pipefail
@@ -23,6 +23,7 @@ TRAIN_EXTRA=()
 if [ -n "${PEAK_TFLOPS:-}" ]; then TRAIN_EXTRA=(--peak_tflops "$PEAK_TFLOPS"); fi
 if [ "${COMPILE:-0}" = 1 ]; then TRAIN_EXTRA+=(--compile); fi
 if [ "${PROFILE:-0}" = 1 ]; then TRAIN_EXTRA+=(--profile); fi
+if [ -n "${COPIES:-}" ]; then TRAIN_EXTRA+=(--copies_per_example "$COPIES"); fi
 mkdir -p "$OUT_DIR"
 gpu_ids=()  # the GPU the benchmarks run on, not every GPU of the machine
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then gpu_ids=(-i "${CUDA_VISIBLE_DEVICES%%,*}"); fi
@@ -32,6 +33,7 @@ train() {  # $1: 1 with gradient checkpointing, 0 without
     local flag=() tag=nogc
     if [ "$1" = 1 ]; then flag=(--gradient_checkpointing); tag=gc; fi
     if [ "${COMPILE:-0}" = 1 ]; then tag=${tag}_compiled; fi
+    if [ -n "${COPIES:-}" ]; then tag=${tag}_copies$COPIES; fi
     # shellcheck disable=SC2086  # MICRO is a list of numbers
     python benchmarks/bench_train.py --model "$MODEL" --data "$DATA" --total_doc "$TOTAL_DOC" --micro_batch_sizes $MICRO \
         "${flag[@]}" "${TRAIN_EXTRA[@]}" --output "$OUT_DIR/bench_train_$tag.json" 2>&1 | tee "$OUT_DIR/bench_train_$tag.log"
@@ -44,10 +46,12 @@ if [ "$WHAT" = train ] || [ "$WHAT" = all ]; then
     esac
 fi
 if [ "$WHAT" = eval ] || [ "$WHAT" = all ]; then
+    eval_tag=bench_eval
+    if [ "${DTYPE:-auto}" != auto ]; then eval_tag=bench_eval_$DTYPE; fi  # a second run keeps the first's files
     # shellcheck disable=SC2086  # BATCHES is a list of numbers
     TQDM_DISABLE=1 python benchmarks/bench_eval.py --data "$DATA" --model "$MODEL" --total_doc "$TOTAL_DOC" \
         --sample_num "$EVAL_NUM" \
         --positions "$POSITIONS" --batch_size $BATCHES --compact "$COMPACT" --positions_per_call "${PPC:-1}" \
-        --dtype "${DTYPE:-auto}" --output "$OUT_DIR/bench_eval.json" \
-        2>&1 | tee "$OUT_DIR/bench_eval.log"
+        --dtype "${DTYPE:-auto}" --output "$OUT_DIR/$eval_tag.json" \
+        2>&1 | tee "$OUT_DIR/$eval_tag.log"
 fi
