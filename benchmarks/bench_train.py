@@ -80,8 +80,8 @@ def parse_args(argv):
     parser.add_argument("--profile", action="store_true",
                         help="profile one more step of each 'ours' configuration: top kernels and host operators")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile both models (dynamic shapes; the warm-up steps pay for compilation), "
-                             "to measure what fusing the element-wise work would give")
+                        help="torch.compile every decoder layer of both models (dynamic shapes; the warm-up steps "
+                             "pay for compilation), to measure what fusing the element-wise work would give")
     parser.add_argument("--kd_coef", default="0,0,0,1", help="kd,lm,rank,adaptive weights (kd/losses.py)")
     parser.add_argument("--learning_rate", type=float, default=1e-6)
     parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
@@ -147,6 +147,21 @@ def load_model(path: str, device, dtype, train: bool, gradient_checkpointing: bo
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+def compile_decoder_layers(model) -> None:
+    """Regional compilation: torch.compile each decoder layer in place, not the whole model.
+
+    The layers run the same code, so one compiled graph serves all of them (and the teacher's);
+    a whole-model compile traces every layer and the mask code, for the student's forward and
+    backward and the teacher's forward: on an H200 it had not finished its warm-up after 10
+    minutes (docs/performance.md, fifth session).
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers:
+        raise UserError(f"--compile: {type(model).__name__} has no model.layers (decoder layers) to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
 
 
 def non_embedding_params(model) -> int:
@@ -573,8 +588,8 @@ def main(argv):
         raise UserError("the teacher's vocabulary differs from the student's")
     counts = {"student": non_embedding_params(student), "teacher": non_embedding_params(teacher)}
     if args.compile:
-        # attributes (config, heads) still reach the wrapped model through the compiled wrapper
-        student, teacher = torch.compile(student, dynamic=True), torch.compile(teacher, dynamic=True)
+        compile_decoder_layers(student)
+        compile_decoder_layers(teacher)
     # fused AdamW keeps the optimizer step one kernel launch on GPUs, as DeepSpeed's FusedAdam does
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
     objective = DistillationLoss(args.kd_coef)

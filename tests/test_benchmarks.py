@@ -170,6 +170,21 @@ def test_bench_train_reports_out_of_memory_and_goes_on(monkeypatch):
     assert "OOM" in table.splitlines()[2] and "OOM" in table.splitlines()[1]
 
 
+def test_bench_train_compiles_each_decoder_layer(tiny_model):
+    import torch
+
+    bench = _load_benchmark("bench_train")
+    model = bench.load_model(tiny_model, torch.device("cpu"), torch.float32, False, False)
+    ids = torch.arange(3, 19).view(2, 8)
+    eager = model(input_ids=ids).logits
+    bench.compile_decoder_layers(model)
+    layers = model.model.layers
+    assert len(layers) >= 2 and all(layer._compiled_call_impl is not None for layer in layers)
+    torch.testing.assert_close(model(input_ids=ids).logits, eager, rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="no model.layers"):
+        bench.compile_decoder_layers(torch.nn.Linear(2, 2))
+
+
 def _summary(label, accuracy):
     positions = list(range(len(accuracy)))
     return {"label": label, "total_docs": len(accuracy), "positions": positions, "n": {p: 10 for p in positions},
