@@ -15,7 +15,7 @@ import sys
 from pos2distill.cli_args import add_model_flags, check_model_flags, dataset_name_from_path, require_at_least
 from pos2distill.errors import UserError, run_cli
 from pos2distill.formats import load_examples
-from pos2distill.generation import make_backend
+from pos2distill.generation import data_parallel_config, make_backend
 from pos2distill.models import model_name, resolve_model
 from pos2distill.position_eval import evaluate_positions
 from pos2distill.positions import parse_positions
@@ -68,6 +68,7 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
         "max_new_tokens": args.max_new_tokens, "stop_at_newline": not args.no_stop_at_newline,
         "backend": backend_name, "batch_size": args.batch_size,
         "positions_per_call": args.positions_per_call, "compact_finished": compact,
+        **data_parallel_config(backend_name, args.num_gpus),
     }
     output = ChunkedOutput(predictions_path, config)
     stats = {"generated": 0, "seconds": 0.0}

@@ -20,7 +20,7 @@ import time
 from pos2distill.cli_args import add_model_flags, check_model_flags, dataset_name_from_path, require_at_least
 from pos2distill.errors import UserError, run_cli
 from pos2distill.formats import example_to_raw, load_examples
-from pos2distill.generation import make_backend
+from pos2distill.generation import data_parallel_config, make_backend
 from pos2distill.jsonl import write_text_atomic
 from pos2distill.metrics import score_prediction
 from pos2distill.models import model_name, resolve_model
@@ -140,7 +140,7 @@ def main(argv):
             "gold_doc": position, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
             "max_new_tokens": args.max_new_tokens, "instruction": instruction, "limit": args.limit,
             "chunk_size": args.chunk_size, "full_answers": args.full_answers, "backend": backend_name,
-            "batch_size": args.batch_size,
+            "batch_size": args.batch_size, **data_parallel_config(backend_name, args.num_gpus),
         }
         output = ChunkedOutput(path, config)
         reused = output.complete

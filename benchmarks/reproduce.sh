@@ -27,7 +27,8 @@
 #   NUM_GPUS: the adaptive loss's group statistics then cover the whole global batch, as 8 GPUs x
 #   4 did), MAX_LEN (8192); train_nq.sh's own knobs
 #   (GRAD_CKPT, ZERO_STAGE, ...) pass through the environment;
-# - stage 4: EVAL_NUM (500), EVAL_POSITIONS (all), EVAL_BATCH (256), POSITIONS_PER_CALL (4),
+# - stage 4: EVAL_NUM (500), EVAL_POSITIONS (all), EVAL_BATCH (256), POSITIONS_PER_CALL (4), EVAL_GPUS (1;
+#   N > 1: N data-parallel workers, one model per GPU, each answering a share of every call),
 #   EVAL_COMPACT (1: --compact_finished) — docs/performance.md: a decoding step costs tens of ms
 #   almost whatever the batch, so larger mixed batches and compaction help; CKPT_DATASET
 #   (the dataset a checkpoint was trained on, for cross-task evaluation);
@@ -149,7 +150,7 @@ eval)
     python "$ROOT/eval_data.py" --input-path "$DATA" --model "$model" --label "$name" \
         --dataset_name "$DS" --output-path evaluate --total_doc "$TOTAL_DOC" --sample_num "$EVAL_NUM" \
         --positions "$EVAL_POSITIONS" --positions_per_call "$POSITIONS_PER_CALL" --backend hf \
-        --batch_size "$EVAL_BATCH" --seed "$SEED" "${extra[@]}" \
+        --batch_size "$EVAL_BATCH" --num_gpus "${EVAL_GPUS:-1}" --seed "$SEED" "${extra[@]}" \
         2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "prompt/s\]$\|s/prompt\]$"
     echo "eval wall $((SECONDS - began)) s"
     # predictions too: compare_predictions.py needs them for paired tests (base vs trained, repeats)

@@ -14,7 +14,9 @@ def add_model_flags(parser: argparse.ArgumentParser, several_models: bool = Fals
     else:
         parser.add_argument("--model", default="SmolLM2-135M-Instruct", help=help_text)
     parser.add_argument("--backend", default="auto", help="auto | vllm | hf (auto: vLLM when installed and a GPU is visible)")
-    parser.add_argument("--num_gpus", type=int, default=None, help="GPUs for vLLM (default: all visible)")
+    parser.add_argument("--num_gpus", type=int, default=None,
+                        help="vLLM: GPUs in all (default: all visible); hf: 1 by default, 0 the CPU, N > 1 one "
+                             "model per GPU (data parallel)")
     parser.add_argument("--batch_size", type=int, default=16, help="prompts per batch (HF backend)")
     parser.add_argument("--max-prompt-length", dest="max_prompt_length", type=int, default=32768,
                         help="longest prompt in tokens; longer prompts are an error, never truncated")

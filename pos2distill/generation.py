@@ -18,11 +18,11 @@ seed each chunk).
 the first line of the stripped output: a row may stop once a newline follows
 some non-whitespace text. A leading newline never stops a row.
 
-Heavy imports (torch, transformers, vllm) happen inside functions: the vLLM
-data-parallel workers are spawned processes that import this module and must
-set ``CUDA_VISIBLE_DEVICES`` before anything touches CUDA. Being spawned, they
-also re-import the caller's main module: scripts need an
-``if __name__ == "__main__":`` guard.
+Heavy imports (torch, transformers, vllm) happen inside functions: the
+data-parallel workers (``worker_pool.WorkerPool``, both backends) are spawned
+processes that import this module and must set ``CUDA_VISIBLE_DEVICES`` before
+anything touches CUDA. Being spawned, they also re-import the caller's main
+module: scripts need an ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -34,13 +34,12 @@ import importlib.util
 import math
 import os
 import time
-import traceback
 import warnings
-import weakref
 
 from .errors import UserError
 from .models import load_tokenizer, resolve_model
 from .prompting import require_chat_template
+from .worker_pool import WorkerPool
 
 BACKENDS = ("auto", "hf", "vllm")
 _DTYPES = {
@@ -86,6 +85,15 @@ def resolve_backend_name(name: str) -> str:
     return name
 
 
+def data_parallel_config(backend_name: str, num_gpus: int | None) -> dict:
+    """For a resumable output's configuration: the hf backend's worker count when it splits calls.
+
+    Sampled answers depend on it, and greedy ones on the batch shapes it gives (as on
+    ``batch_size``); empty for one process, so configurations written before it still match.
+    """
+    return {"hf_workers": num_gpus} if backend_name == "hf" and (num_gpus or 0) > 1 else {}
+
+
 def _normalize_dtype(dtype: str) -> str:
     key = str(dtype).lower().replace("torch.", "")
     if key not in _DTYPES:
@@ -111,8 +119,9 @@ def make_backend(
     ``name``: ``hf``, ``vllm`` or ``auto`` (resolved with ``resolve_backend_name``).
 
     HF: one device (the first CUDA GPU, else the CPU; ``num_gpus=0``: the CPU);
-    ``batch_size`` prompts per ``generate`` call. More GPUs are an error with
-    ``name="hf"`` and a warning when ``auto`` fell back to hf.
+    ``batch_size`` prompts per ``generate`` call. ``num_gpus`` > 1: data parallel,
+    one model per GPU in spawned workers (``HFDataParallelBackend``); no tensor
+    parallelism.
 
     vLLM: ``num_gpus`` GPUs in all (default: every visible GPU), split into
     ``num_gpus / tensor_parallel_size`` data-parallel replicas of
@@ -131,7 +140,7 @@ def make_backend(
     error before any weights are loaded. ``compact_finished``: hf only, see ``HFBackend``
     (vLLM schedules rows itself).
     """
-    requested, name = name, resolve_backend_name(name)
+    name = resolve_backend_name(name)
     dtype = _normalize_dtype(dtype)
     if batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {batch_size}")
@@ -139,14 +148,12 @@ def make_backend(
         raise UserError(f"--max_model_len must be at least 1, got {max_model_len}")
     path = resolve_model(model)
     if name == "hf":
-        if (num_gpus or 0) > 1 or (tensor_parallel_size or 1) > 1:
-            if requested == "hf":
-                raise UserError(
-                    "the hf backend runs on one device; use --backend vllm for several GPUs "
-                    "(or launch one process per GPU)"
-                )
-            # auto fell back to hf: still correct, only slower, so go on.
-            warnings.warn(f"vLLM is not available; the hf backend uses one of the {num_gpus} GPUs", stacklevel=2)
+        if (tensor_parallel_size or 1) > 1:
+            raise UserError("the hf backend has no tensor parallelism; use --backend vllm to shard a model over GPUs")
+        if (num_gpus or 0) > 1:  # data parallel: one model per GPU
+            return HFDataParallelBackend(path, devices=_take_gpus(num_gpus, _visible_gpus()), batch_size=batch_size,
+                                         max_model_len=max_model_len, dtype=dtype,
+                                         need_chat_template=need_chat_template, compact_finished=compact_finished)
         device = "cpu" if num_gpus == 0 else None
         return HFBackend(path, batch_size=batch_size, max_model_len=max_model_len, dtype=dtype, device=device,
                          need_chat_template=need_chat_template, compact_finished=compact_finished)
@@ -429,12 +436,13 @@ class HFBackend(GenerationBackend):
 
     def __init__(self, path: str, *, batch_size: int = 16, max_model_len: int | None = None,
                  dtype: str = "auto", device: str | None = None, need_chat_template: bool = False,
-                 compact_finished: bool = False):
+                 compact_finished: bool = False, show_progress: bool = True):
         super().__init__()
         import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         self.batch_size = batch_size
+        self.show_progress = show_progress
         self.max_model_len = max_model_len
         self.compact_finished = compact_finished
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -514,7 +522,7 @@ class HFBackend(GenerationBackend):
         new_tokens = 0
         totals = {"batches": 0, "decode_steps": 0, "row_steps": 0, "prompt_tokens": 0, "padded_prompt_tokens": 0}
         devices = [self.device] if self.device.type == "cuda" else []
-        bar = tqdm(total=len(token_ids), desc=desc, unit="prompt", dynamic_ncols=True)
+        bar = tqdm(total=len(token_ids), desc=desc, unit="prompt", dynamic_ncols=True, disable=not self.show_progress)
         try:
             # fork_rng: seeding must not disturb the caller's global RNG stream.
             with torch.random.fork_rng(devices=devices), torch.inference_mode(), _quiet_generation():
@@ -651,6 +659,78 @@ def _stopping_list(stopper):
     return StoppingCriteriaList([stopper]) if stopper is not None else None
 
 
+def _hf_engine(path: str, kwargs: dict) -> HFBackend:
+    """A data-parallel worker's HFBackend (WorkerPool ``build``), on the one GPU it sees."""
+    return HFBackend(path, **kwargs)
+
+
+def _hf_serve(backend: HFBackend, payload: tuple) -> tuple:
+    """WorkerPool ``serve``: ``payload`` = (token ids, keyword arguments of ``_generate_ids``)."""
+    token_ids, kwargs = payload
+    return backend._generate_ids(token_ids, **kwargs)
+
+
+class HFDataParallelBackend(GenerationBackend):
+    """One ``HFBackend`` per GPU, each in a spawned worker; a call's prompts are split among them.
+
+    The prompts are sorted by length and dealt out in turn, so every worker gets the same mix
+    of long and short prompts (and about the same work); each worker then batches its share
+    longest first, as ``HFBackend`` does. Greedy answers are the one-process answers up to the
+    rounding of other batch shapes (bf16 on GPUs), as with another ``batch_size``; sampled
+    answers depend on the number of workers (each seeds its share with the call's seed).
+    ``devices``: one CUDA_VISIBLE_DEVICES value per worker ("" runs a worker on the CPU).
+    """
+
+    name = "hf"
+
+    def __init__(self, path: str, *, devices: list[str], batch_size: int = 16, max_model_len: int | None = None,
+                 dtype: str = "auto", need_chat_template: bool = False, compact_finished: bool = False):
+        super().__init__()
+        self.tokenizer = _load_tokenizer(path, need_chat_template)
+        self.batch_size = batch_size
+        common = {"batch_size": batch_size, "max_model_len": max_model_len, "dtype": dtype,
+                  "need_chat_template": need_chat_template, "compact_finished": compact_finished}
+        # one progress bar (worker 0's) stands for all: the shares are equal
+        build_args = [(path, dict(common, show_progress=rank == 0)) for rank in range(len(devices))]
+        self._pool = WorkerPool(_hf_engine, _hf_serve, devices, build_args, name="hf")
+
+    @property
+    def data_parallel_size(self) -> int:
+        return len(self._pool) if self._pool is not None else 0
+
+    def _generate_ids(self, token_ids, *, max_new_tokens, temperature, top_p, seed, stop_at_newline, desc):
+        if self._pool is None:
+            raise RuntimeError("the hf data-parallel backend is closed")
+        workers = len(self._pool)
+        order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+        shares = [order[rank::workers] for rank in range(workers)]
+        kwargs = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                  "stop_at_newline": stop_at_newline, "desc": f"{desc} (worker 0 of {workers})"}
+        payloads = [([token_ids[i] for i in share], kwargs) if share else None for share in shares]
+        try:
+            answers = self._pool.run(payloads)
+        except BaseException:
+            self._pool = None  # closed by run(): a worker's answers may still be in its pipe
+            raise
+        outputs: list[str | None] = [None] * len(token_ids)
+        new_tokens, totals = 0, {}
+        for share, answer in zip(shares, answers):
+            if answer is None:
+                continue
+            texts, count, stats = answer
+            for i, text in zip(share, texts):
+                outputs[i] = text
+            new_tokens += count
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0) + value
+        return outputs, new_tokens, totals
+
+    def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
+
+
 # --------------------------------------------------------------------------- vLLM
 
 
@@ -662,6 +742,16 @@ def _visible_gpus() -> list[str]:
     import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _take_gpus(num_gpus: int, gpus: list[str]) -> list[str]:
+    """The first ``num_gpus`` of the visible ``gpus``; too few is an error that says what is visible."""
+    if len(gpus) < num_gpus:
+        raise UserError(
+            f"--num_gpus {num_gpus} but only {len(gpus)} GPU(s) visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
+    return gpus[:num_gpus]
 
 
 def _context_window(path: str) -> int | None:
@@ -699,32 +789,16 @@ def _run_vllm(llm, prompt_ids: list[list[int]], requests: list[dict], use_tqdm: 
     return rows
 
 
-def _vllm_worker(conn, model: str, llm_kwargs: dict, devices: str) -> None:
-    """Data-parallel worker: owns one vLLM engine on ``devices``, serves generate requests."""
-    # Before importing vllm (and torch through it) so the engine only sees its GPUs.
-    os.environ["CUDA_VISIBLE_DEVICES"] = devices
-    try:
-        from vllm import LLM
+def _vllm_engine(model: str, llm_kwargs: dict):
+    """A data-parallel worker's engine (WorkerPool ``build``)."""
+    from vllm import LLM
 
-        llm = LLM(model=model, **llm_kwargs)
-        conn.send(("ready", None))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-        conn.close()
-        return
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:  # the parent went away
-            break
-        if message[0] == "close":
-            break
-        try:
-            _, prompts, requests, use_tqdm = message
-            conn.send(("ok", _run_vllm(llm, prompts, requests, use_tqdm)))
-        except BaseException:
-            conn.send(("error", traceback.format_exc()))
-    conn.close()
+    return LLM(model=model, **llm_kwargs)
+
+
+def _vllm_serve(llm, payload: tuple) -> list[tuple]:
+    """WorkerPool ``serve``: ``payload`` = (prompt ids, requests, use_tqdm)."""
+    return _run_vllm(llm, *payload)
 
 
 def _shards(n: int, parts: int) -> list[tuple[int, int]]:
@@ -736,21 +810,6 @@ def _shards(n: int, parts: int) -> list[tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
-
-
-def _stop_workers(workers) -> None:
-    for process, conn in workers:
-        try:
-            conn.send(("close",))
-        except (OSError, ValueError):
-            pass
-    for process, conn in workers:
-        process.join(timeout=60)
-        if process.is_alive():
-            process.terminate()
-            process.join(timeout=10)
-        conn.close()
-    workers.clear()
 
 
 class VLLMBackend(GenerationBackend):
@@ -782,7 +841,6 @@ class VLLMBackend(GenerationBackend):
         self.data_parallel_size = num_gpus // tp
         self.model_path = path
         self.tokenizer = _load_tokenizer(path, need_chat_template)
-        self.worker_timeout_s = worker_timeout_s
         llm_kwargs = {"tensor_parallel_size": tp, "dtype": dtype, "seed": seed}
         if max_model_len is not None:
             # vLLM refuses a max_model_len above the model's window; callers pass
@@ -790,63 +848,16 @@ class VLLMBackend(GenerationBackend):
             window = _context_window(path)
             llm_kwargs["max_model_len"] = min(max_model_len, window) if window else max_model_len
         self._llm = None
-        self._workers: list = []
+        self._pool = None
         if self.data_parallel_size == 1:
             from vllm import LLM
 
             self._llm = LLM(model=path, **llm_kwargs)
         else:
-            if len(gpus) < num_gpus:
-                raise UserError(
-                    f"--num_gpus {num_gpus} but only {len(gpus)} GPU(s) visible "
-                    f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
-                )
-            self._start_workers(path, llm_kwargs, gpus[:num_gpus])
-        # Stop worker processes even if the caller forgets close().
-        self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
-
-    def _start_workers(self, path: str, llm_kwargs: dict, gpus: list[str]) -> None:
-        import multiprocessing
-
-        # spawn, not fork: CUDA cannot be used in a forked child. Not daemonic:
-        # vLLM engines start processes of their own.
-        context = multiprocessing.get_context("spawn")
-        tp = self.tensor_parallel_size
-        for rank in range(self.data_parallel_size):
-            devices = ",".join(gpus[rank * tp : (rank + 1) * tp])
-            parent_conn, child_conn = context.Pipe()
-            process = context.Process(
-                target=_vllm_worker,
-                args=(child_conn, path, llm_kwargs, devices),
-                name=f"vllm-dp{rank}",
-                daemon=False,
-            )
-            process.start()
-            child_conn.close()
-            self._workers.append((process, parent_conn))
-        try:
-            for rank in range(len(self._workers)):
-                self._receive(rank, "starting vLLM")
-        except BaseException:
-            _stop_workers(self._workers)
-            raise
-
-    def _receive(self, rank: int, what: str):
-        """The next message of worker ``rank``; raise if it failed or died."""
-        process, conn = self._workers[rank]
-        waited = 0.0
-        while not conn.poll(1.0):
-            waited += 1.0
-            if not process.is_alive():
-                raise RuntimeError(
-                    f"vLLM worker {rank} exited (code {process.exitcode}) while {what}; see its log above"
-                )
-            if self.worker_timeout_s is not None and waited >= self.worker_timeout_s:
-                raise RuntimeError(f"vLLM worker {rank} gave no answer in {waited:.0f}s while {what}")
-        kind, payload = conn.recv()
-        if kind == "error":
-            raise RuntimeError(f"vLLM worker {rank} failed while {what}:\n{payload}")
-        return payload
+            gpus = _take_gpus(num_gpus, gpus)
+            groups = [",".join(gpus[rank * tp : (rank + 1) * tp]) for rank in range(self.data_parallel_size)]
+            self._pool = WorkerPool(_vllm_engine, _vllm_serve, groups, [(path, llm_kwargs)] * len(groups),
+                                    name="vLLM", timeout_s=worker_timeout_s)
 
     def _requests(self, n_prompts, *, max_tokens, temperature, top_p, seed, stop_at_newline):
         sampling = temperature > 0
@@ -866,25 +877,17 @@ class VLLMBackend(GenerationBackend):
     def _generate_raw(self, prompts: list[list[int]], requests: list[dict]) -> list[tuple]:
         if self._llm is not None:
             return _run_vllm(self._llm, prompts, requests, True)
-        if not self._workers:
+        if self._pool is None:
             raise RuntimeError("the vLLM backend is closed")
-        bounds = _shards(len(prompts), len(self._workers))
-        busy = []
-        for rank, (start, end) in enumerate(bounds):
-            if end > start:
-                # Shards are equal in size: one progress bar (worker 0's) stands for all.
-                message = ("generate", prompts[start:end], requests[start:end], rank == 0)
-                self._workers[rank][1].send(message)
-                busy.append(rank)
-        rows = []
+        # Contiguous shards of equal size: one progress bar (worker 0's) stands for all.
+        payloads = [(prompts[start:end], requests[start:end], rank == 0) if end > start else None
+                    for rank, (start, end) in enumerate(_shards(len(prompts), len(self._pool)))]
         try:
-            for rank in busy:
-                rows.extend(self._receive(rank, "generating"))
+            answers = self._pool.run(payloads)
         except BaseException:
-            # A worker's answers may still be in its pipe; the backend is unusable now.
-            self.close()
+            self._pool = None  # closed by run(): a worker's answers may still be in its pipe
             raise
-        return rows
+        return [row for rows in answers if rows is not None for row in rows]
 
     def _generate_ids(self, prompt_ids, *, max_new_tokens, temperature, top_p, seed, stop_at_newline, desc):
         requests = self._requests(len(prompt_ids), max_tokens=max_new_tokens, temperature=temperature,
@@ -926,8 +929,9 @@ class VLLMBackend(GenerationBackend):
             import gc
 
             gc.collect()
-        if self._workers:
-            _stop_workers(self._workers)
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
 
 
 def _stopped_before_content(row: tuple) -> bool:

@@ -25,6 +25,7 @@ import torch
 from pos2distill import generation
 from pos2distill.errors import UserError
 from pos2distill.generation import (
+    HFDataParallelBackend,
     GenerationBackend,
     make_backend,
     newline_stopper,
@@ -154,30 +155,58 @@ def test_vllm_available_finds_the_stand_in(monkeypatch):
     assert vllm_available()
 
 
-def test_make_backend_rejects_bad_options(tiny_model):
+def test_make_backend_rejects_bad_options(tiny_model, monkeypatch):
     with pytest.raises(UserError, match="unknown dtype"):
         make_backend("hf", tiny_model, dtype="int3")
-    with pytest.raises(UserError, match="one device"):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(UserError, match="--num_gpus 2 but only 0 GPU"):
         make_backend("hf", tiny_model, num_gpus=2)
+    with pytest.raises(UserError, match="no tensor parallelism"):
+        make_backend("hf", tiny_model, tensor_parallel_size=2)
     with pytest.raises(UserError, match="batch_size"):
         make_backend("hf", tiny_model, batch_size=0)
     with pytest.raises(UserError, match="unknown backend"):
         make_backend("onnx", tiny_model)
 
 
-def test_auto_falls_back_to_hf_on_one_device(tiny_model, monkeypatch):
+def test_auto_falls_back_to_hf(tiny_model, monkeypatch):
     monkeypatch.setattr(generation, "vllm_available", lambda: False)
-    with pytest.warns(UserWarning, match="uses one of the 4 GPUs"):
-        backend = make_backend("auto", tiny_model, num_gpus=4)
+    backend = make_backend("auto", tiny_model, num_gpus=0)
     try:
-        assert backend.name == "hf"
+        assert backend.name == "hf" and backend.device.type == "cpu"
     finally:
         backend.close()
-    backend = make_backend("hf", tiny_model, num_gpus=0)
+
+
+def test_hf_data_parallel_matches_one_process(tiny_model, monkeypatch):
+    """num_gpus=2 with the hf backend: two worker processes, the same greedy answers in input order."""
+    prompts = [f"question {i}: " + "word " * (i % 5) for i in range(11)]
+    single = make_backend("hf", tiny_model, batch_size=3, num_gpus=0, max_model_len=40)
     try:
-        assert backend.device.type == "cpu"
+        expected = single.generate(prompts, max_new_tokens=6)
+        expected_stats = single.last_stats
+    finally:
+        single.close()
+    assert not torch.cuda.is_available()  # the two "GPUs" below are CPU workers on this machine
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    backend = make_backend("hf", tiny_model, batch_size=3, num_gpus=2, max_model_len=40)
+    try:
+        assert isinstance(backend, HFDataParallelBackend) and backend._pool.devices == ["0", "1"]
+        assert backend.generate(prompts, max_new_tokens=6) == expected
+        stats = backend.last_stats
+        # shares of 6 and 5 prompts, batches of 3: 2 + 2 batches, every row counted once
+        assert stats["prompts"] == 11 and stats["batches"] == 4
+        assert stats["prompt_tokens"] == expected_stats["prompt_tokens"]
+        assert stats["new_tokens"] == expected_stats["new_tokens"]
+        assert backend.generate(prompts[:1], max_new_tokens=6) == expected[:1]  # one worker sits it out
+        # a worker's error reaches the caller, and the backend is closed after it
+        with pytest.raises(RuntimeError, match="hf worker 0 failed while generating"):
+            backend.generate(["word " * 60], max_new_tokens=2)
+        with pytest.raises(RuntimeError, match="closed"):
+            backend.generate(prompts, max_new_tokens=2)
     finally:
         backend.close()
+    assert all(not p.is_alive() for p in multiprocessing.active_children())
 
 
 # --------------------------------------------------------------------------- hf backend

@@ -21,9 +21,9 @@ def litm_record(i):
     return {"question": f"what is the answer to question {i}", "answers": [answer], "ctxs": ctxs}
 
 
-def run(script, *args):
+def run(script, *args, env=None):
     done = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert done.returncode == 0, f"{script} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -80,4 +80,14 @@ def test_stages_1_2_4(tmp_path, tiny_model):
         "--backend", "hf", "--positions_per_call", 3, "--compact_finished", "--batch_size", 8)
     grouped = read_jsonl(str(tmp_path / "evaluate" / "nq" / "grouped" / f"predictions_{TOTAL}docs.jsonl.gz"))
     assert grouped == predictions
+
+    # two data-parallel workers (--num_gpus 2; on this CPU-only machine both run on the CPU)
+    two_gpus = dict(os.environ, CUDA_VISIBLE_DEVICES="0,1")
+    run("eval_data.py", "--input-path", data, "--model", tiny_model, "--label", "parallel", "--dataset_name", "nq",
+        "--output-path", tmp_path / "evaluate", "--total_doc", TOTAL, "--sample_num", 6, "--max-new-tokens", 12,
+        "--backend", "hf", "--num_gpus", 2, "--positions_per_call", 2, env=two_gpus)
+    parallel_path = tmp_path / "evaluate" / "nq" / "parallel" / f"predictions_{TOTAL}docs.jsonl.gz"
+    assert read_jsonl(str(parallel_path)) == predictions
+    with open(f"{parallel_path}.config.json") as fh:
+        assert json.load(fh)["hf_workers"] == 2
     assert "avg" in out and "gap" in out
