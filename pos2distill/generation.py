@@ -89,7 +89,7 @@ def data_parallel_config(backend_name: str, num_gpus: int | None) -> dict:
     """For a resumable output's configuration: the hf backend's worker count when it splits calls.
 
     Sampled answers depend on it, and greedy ones on the batch shapes it gives (as on
-    ``batch_size``); empty for one process, so configurations written before it still match.
+    ``batch_size``); empty for one process, so one-process outputs written before it still match.
     """
     return {"hf_workers": num_gpus} if backend_name == "hf" and (num_gpus or 0) > 1 else {}
 
@@ -266,6 +266,15 @@ class GenerationBackend:
 
 
 # --------------------------------------------------------------------------- Hugging Face
+
+
+def _check_model_len(token_ids: list[list[int]], max_model_len: int | None) -> None:
+    """A prompt longer than ``max_model_len`` tokens is an error (numbered as the caller gave it)."""
+    if max_model_len is None or not token_ids:
+        return
+    longest = max(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+    if len(token_ids[longest]) > max_model_len:
+        raise UserError(f"prompt {longest} has {len(token_ids[longest])} tokens, more than --max_model_len {max_model_len}")
 
 
 def left_padded(token_ids: list[list[int]], pad_id: int, width: int, device):
@@ -508,13 +517,7 @@ class HFBackend(GenerationBackend):
         import torch
         from tqdm.auto import tqdm
 
-        if self.max_model_len is not None:
-            longest = max(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-            if len(token_ids[longest]) > self.max_model_len:
-                raise UserError(
-                    f"prompt {longest} has {len(token_ids[longest])} tokens, more than "
-                    f"--max_model_len {self.max_model_len}"
-                )
+        _check_model_len(token_ids, self.max_model_len)
         order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
         config = self._generation_config(max_new_tokens, temperature, top_p)
 
@@ -688,6 +691,7 @@ class HFDataParallelBackend(GenerationBackend):
         super().__init__()
         self.tokenizer = _load_tokenizer(path, need_chat_template)
         self.batch_size = batch_size
+        self.max_model_len = max_model_len
         common = {"batch_size": batch_size, "max_model_len": max_model_len, "dtype": dtype,
                   "need_chat_template": need_chat_template, "compact_finished": compact_finished}
         # one progress bar (worker 0's) stands for all: the shares are equal
@@ -701,6 +705,7 @@ class HFDataParallelBackend(GenerationBackend):
     def _generate_ids(self, token_ids, *, max_new_tokens, temperature, top_p, seed, stop_at_newline, desc):
         if self._pool is None:
             raise RuntimeError("the hf data-parallel backend is closed")
+        _check_model_len(token_ids, self.max_model_len)  # here: the prompt numbers are the caller's
         workers = len(self._pool)
         order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
         shares = [order[rank::workers] for rank in range(workers)]
@@ -710,7 +715,9 @@ class HFDataParallelBackend(GenerationBackend):
         try:
             answers = self._pool.run(payloads)
         except BaseException:
-            self._pool = None  # closed by run(): a worker's answers may still be in its pipe
+            # run() has stopped the workers: a worker's answers may still be in its pipe
+            pool, self._pool = self._pool, None
+            pool.close()
             raise
         outputs: list[str | None] = [None] * len(token_ids)
         new_tokens, totals = 0, {}
@@ -885,7 +892,9 @@ class VLLMBackend(GenerationBackend):
         try:
             answers = self._pool.run(payloads)
         except BaseException:
-            self._pool = None  # closed by run(): a worker's answers may still be in its pipe
+            # run() has stopped the workers: a worker's answers may still be in its pipe
+            pool, self._pool = self._pool, None
+            pool.close()
             raise
         return [row for rows in answers if rows is not None for row in rows]
 

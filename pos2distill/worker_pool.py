@@ -14,9 +14,12 @@ Being spawned, they re-import the caller's main module: scripts need an
 
 from __future__ import annotations
 
+import atexit
 import os
 import traceback
 import weakref
+
+from .errors import UserError
 
 
 def _worker_main(conn, devices: str, build, build_args: tuple, serve) -> None:
@@ -37,6 +40,8 @@ def _worker_main(conn, devices: str, build, build_args: tuple, serve) -> None:
             break
         try:
             conn.send(("ok", serve(engine, message[1])))
+        except UserError as err:  # the user's to fix (e.g. a smaller --batch_size): one line, not a traceback
+            conn.send(("user_error", str(err)))
         except BaseException:
             conn.send(("error", traceback.format_exc()))
     conn.close()
@@ -63,6 +68,8 @@ class WorkerPool:
     ``name`` names the engine in errors ("vLLM worker 1 failed while generating: ...").
     ``timeout_s``: a worker silent for that long is an error (default: wait as long as it lives).
     Start-up waits until every worker has built its engine; a failure there stops them all.
+    A ``UserError`` raised in a worker is raised again in the parent (its one-line message);
+    any other failure becomes a ``RuntimeError`` carrying the worker's traceback.
     """
 
     def __init__(self, build, serve, devices: list[str], build_args: list[tuple], *, name: str,
@@ -85,6 +92,10 @@ class WorkerPool:
             process.start()
             child_conn.close()
             self._workers.append((process, parent_conn))
+        # At exit, stop them before multiprocessing's own exit handler waits for them (they are not
+        # daemons, so it would wait forever): atexit runs handlers last-in first-out, and that
+        # handler was registered when the first process started.
+        atexit.register(self._finalizer)
         try:
             for rank in range(len(self._workers)):
                 self._receive(rank, f"starting {name}")
@@ -108,6 +119,8 @@ class WorkerPool:
             if self.timeout_s is not None and waited >= self.timeout_s:
                 raise RuntimeError(f"{self.name} worker {rank} gave no answer in {waited:.0f}s while {what}")
         kind, payload = conn.recv()
+        if kind == "user_error":
+            raise UserError(payload)
         if kind == "error":
             raise RuntimeError(f"{self.name} worker {rank} failed while {what}:\n{payload}")
         return payload
@@ -122,13 +135,16 @@ class WorkerPool:
             raise RuntimeError(f"the {self.name} workers are closed")
         if len(payloads) != len(self._workers):
             raise ValueError(f"{len(payloads)} payloads for {len(self._workers)} workers")
-        busy = []
-        for rank, payload in enumerate(payloads):
-            if payload is not None:
-                self._workers[rank][1].send(("call", payload))
-                busy.append(rank)
+        busy = [rank for rank, payload in enumerate(payloads) if payload is not None]
         answers = [None] * len(payloads)
         try:
+            for rank in busy:
+                process, conn = self._workers[rank]
+                try:
+                    conn.send(("call", payloads[rank]))
+                except OSError:  # the worker is gone (killed, out of host memory)
+                    raise RuntimeError(f"{self.name} worker {rank} exited (code {process.exitcode}) "
+                                       "before generating; see its log above") from None
             for rank in busy:
                 answers[rank] = self._receive(rank, "generating")
         except BaseException:
@@ -137,4 +153,6 @@ class WorkerPool:
         return answers
 
     def close(self) -> None:
-        _stop(self._workers)
+        """Stop the workers (once; later calls do nothing)."""
+        self._finalizer()
+        atexit.unregister(self._finalizer)
