@@ -75,7 +75,8 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
     if output.complete:
         print(f"== {label}: {predictions_path} is already complete with these arguments; reusing it")
     else:
-        with make_backend(args.backend, model_path, num_gpus=args.num_gpus, batch_size=args.batch_size,
+        with make_backend(args.backend, model_path, num_gpus=args.num_gpus,
+                          tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size,
                           max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed,
                           need_chat_template=True, compact_finished=compact) as backend:
             print(f"== {label}: {len(examples)} examples x {len(positions)} positions, backend {backend.name}")

@@ -123,7 +123,8 @@ def main(argv):
     def get_backend():
         nonlocal backend
         if backend is None:
-            backend = make_backend(args.backend, model_path, num_gpus=args.num_gpus, batch_size=args.batch_size,
+            backend = make_backend(args.backend, model_path, num_gpus=args.num_gpus,
+                                   tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size,
                                    max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed,
                                    need_chat_template=True)
         return backend

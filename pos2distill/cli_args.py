@@ -17,6 +17,9 @@ def add_model_flags(parser: argparse.ArgumentParser, several_models: bool = Fals
     parser.add_argument("--num_gpus", type=int, default=None,
                         help="vLLM: GPUs in all (default: all visible); hf: 1 by default, 0 the CPU, N > 1 one "
                              "model per GPU (data parallel)")
+    parser.add_argument("--tensor_parallel_size", type=int, default=None,
+                        help="vLLM: GPUs per replica for a model too large for one GPU (default 1; "
+                             "--num_gpus / this many replicas)")
     parser.add_argument("--batch_size", type=int, default=16, help="prompts per batch (HF backend)")
     parser.add_argument("--max-prompt-length", dest="max_prompt_length", type=int, default=32768,
                         help="longest prompt in tokens; longer prompts are an error, never truncated")
@@ -48,5 +51,6 @@ def check_model_flags(args: argparse.Namespace) -> tuple[str, str]:
     from .generation import resolve_backend_name
     from .prompting import resolve_instruction
 
-    require_at_least(args, {"--max-new-tokens": 1, "--max-prompt-length": 1, "--batch_size": 1, "--num_gpus": 0})
+    require_at_least(args, {"--max-new-tokens": 1, "--max-prompt-length": 1, "--batch_size": 1, "--num_gpus": 0,
+                            "--tensor_parallel_size": 1})
     return resolve_backend_name(args.backend), resolve_instruction(args.instruction)

@@ -188,6 +188,12 @@ CASES = [
      "summary.json: not a summary JSON written by eval_data.py", None),
     ("s4-no-chat-template", STAGE4, lambda f, o: s4(f, o, model=f["nochat"]),
      "nochat-model: the tokenizer has no chat template", None),
+    ("s4-hf-tensor-parallel", STAGE4, lambda f, o: s4(f, o, "good", "--tensor_parallel_size", 2),
+     "the hf backend has no tensor parallelism", None),
+    ("s4-hf-too-few-gpus", STAGE4, lambda f, o: s4(f, o, "good", "--num_gpus", 2),
+     "--num_gpus 2 but only 0 GPU(s) visible", {"CUDA_VISIBLE_DEVICES": ""}),
+    ("s1-tensor-parallel-zero", STAGE1, lambda f, o: s1(f, o, "good", "--tensor_parallel_size", 0),
+     "--tensor_parallel_size must be at least 1", None),
 ]
 
 
