@@ -3,8 +3,9 @@
 #   MODEL=/root/models/Qwen2.5-Coder-0.5B-Instruct.gguf DATA=qa_data/nq-open-20_total_documents.jsonl.gz \
 #   OUT_DIR=$OUT bash benchmarks/perf_gpu.sh [train|eval|all]
 # Knobs: TOTAL_DOC (20), MICRO ("1 2 4 8"), GC (1: gradient checkpointing, as train_nq.sh; 0: off;
-# both: two runs), COMPILE (1: torch.compile both models), PROFILE (1: one extra step of "ours"
-# profiled per micro-batch), COPIES (rows per teacher input, as --group_by_example gives: 5), EVAL_NUM (500), POSITIONS (0,9,19), BATCHES ("64 128"), COMPACT
+# both: two runs), COMPILE (1: torch.compile every decoder layer of both models), PROFILE (1: one
+# extra step of "ours" profiled per micro-batch), COPIES (rows per teacher input, as
+# --group_by_example gives: 5), EVAL_NUM (500), POSITIONS (0,9,19), BATCHES ("64 128"), COMPACT
 # (both|on|off), PPC (positions per call, 1), DTYPE (auto|bfloat16|float32: fp32 tells bf16
 # rounding apart from real score differences), PEAK_TFLOPS.
 set -euo pipefail

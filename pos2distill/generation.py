@@ -690,7 +690,6 @@ class HFDataParallelBackend(GenerationBackend):
                  dtype: str = "auto", need_chat_template: bool = False, compact_finished: bool = False):
         super().__init__()
         self.tokenizer = _load_tokenizer(path, need_chat_template)
-        self.batch_size = batch_size
         self.max_model_len = max_model_len
         common = {"batch_size": batch_size, "max_model_len": max_model_len, "dtype": dtype,
                   "need_chat_template": need_chat_template, "compact_finished": compact_finished}
@@ -698,12 +697,8 @@ class HFDataParallelBackend(GenerationBackend):
         build_args = [(path, dict(common, show_progress=rank == 0)) for rank in range(len(devices))]
         self._pool = WorkerPool(_hf_engine, _hf_serve, devices, build_args, name="hf")
 
-    @property
-    def data_parallel_size(self) -> int:
-        return len(self._pool) if self._pool is not None else 0
-
     def _generate_ids(self, token_ids, *, max_new_tokens, temperature, top_p, seed, stop_at_newline, desc):
-        if self._pool is None:
+        if not len(self._pool):  # closed, by close() or by a worker's error
             raise RuntimeError("the hf data-parallel backend is closed")
         _check_model_len(token_ids, self.max_model_len)  # here: the prompt numbers are the caller's
         workers = len(self._pool)
@@ -712,13 +707,7 @@ class HFDataParallelBackend(GenerationBackend):
         kwargs = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                   "stop_at_newline": stop_at_newline, "desc": f"{desc} (worker 0 of {workers})"}
         payloads = [([token_ids[i] for i in share], kwargs) if share else None for share in shares]
-        try:
-            answers = self._pool.run(payloads)
-        except BaseException:
-            # run() has stopped the workers: a worker's answers may still be in its pipe
-            pool, self._pool = self._pool, None
-            pool.close()
-            raise
+        answers = self._pool.run(payloads)  # on an error it stops the workers itself
         outputs: list[str | None] = [None] * len(token_ids)
         new_tokens, totals = 0, {}
         for share, answer in zip(shares, answers):
@@ -733,9 +722,7 @@ class HFDataParallelBackend(GenerationBackend):
         return outputs, new_tokens, totals
 
     def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.close()
+        self._pool.close()  # a second close does nothing
 
 
 # --------------------------------------------------------------------------- vLLM
@@ -884,18 +871,12 @@ class VLLMBackend(GenerationBackend):
     def _generate_raw(self, prompts: list[list[int]], requests: list[dict]) -> list[tuple]:
         if self._llm is not None:
             return _run_vllm(self._llm, prompts, requests, True)
-        if self._pool is None:
+        if self._pool is None or not len(self._pool):  # closed, by close() or by a worker's error
             raise RuntimeError("the vLLM backend is closed")
         # Contiguous shards of equal size: one progress bar (worker 0's) stands for all.
         payloads = [(prompts[start:end], requests[start:end], rank == 0) if end > start else None
                     for rank, (start, end) in enumerate(_shards(len(prompts), len(self._pool)))]
-        try:
-            answers = self._pool.run(payloads)
-        except BaseException:
-            # run() has stopped the workers: a worker's answers may still be in its pipe
-            pool, self._pool = self._pool, None
-            pool.close()
-            raise
+        answers = self._pool.run(payloads)  # on an error it stops the workers itself
         return [row for rows in answers if rows is not None for row in rows]
 
     def _generate_ids(self, prompt_ids, *, max_new_tokens, temperature, top_p, seed, stop_at_newline, desc):
@@ -939,8 +920,7 @@ class VLLMBackend(GenerationBackend):
 
             gc.collect()
         if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.close()
+            self._pool.close()
 
 
 def _stopped_before_content(row: tuple) -> bool:
