@@ -37,10 +37,12 @@ TEACHER_OFFLOAD=${TEACHER_OFFLOAD:-1}
 GRAD_CKPT=${GRAD_CKPT:-1}
 
 GROUP_BY_EXAMPLE=${GROUP_BY_EXAMPLE:-0}          # 1: an example's copies share a micro-batch (--group_by_example)
+PACKING=${PACKING:-0}                            # 1: a micro-batch's rows run without padding (--packing_samples)
 
 OPTIONAL=()
 if [ "$TEACHER_OFFLOAD" = 1 ]; then OPTIONAL+=(--teacher_offload); fi
 if [ "$GROUP_BY_EXAMPLE" = 1 ]; then OPTIONAL+=(--group_by_example); fi
+if [ "$PACKING" = 1 ]; then OPTIONAL+=(--packing_samples); fi
 if [ "$GRAD_CKPT" = 1 ]; then OPTIONAL+=(--gradient_checkpointing); fi
 
 if ! command -v deepspeed > /dev/null; then

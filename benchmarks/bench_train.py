@@ -10,6 +10,10 @@ update. Plain PyTorch on one device, no DeepSpeed: this measures the step itself
 - ``naive`` (the reference approach): full ``[batch, seq, vocab]`` logits for student and
   teacher, upcast to fp32, teacher run for every row; the same loss on the response slice.
 
+Each runs with ``--attention padded`` (the micro-batch as the trainer pads it, SDPA with a
+padding mask) and/or ``packed`` (``--packing_samples``: the rows' real tokens as one sequence,
+``kd.packed_attention``), so the logits' share and the attention layout's share are measured apart.
+
 Reported per (variant, micro-batch): median step time, student tokens/s, MFU, peak GPU memory
 of the step and the memory of the logits + loss computation alone.
 
@@ -37,6 +41,7 @@ from pos2distill.cli_args import require_at_least  # noqa: E402
 from pos2distill.errors import UserError, run_cli  # noqa: E402
 
 VARIANTS = ("ours", "naive")
+ATTENTION = ("padded", "packed")
 # Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's data sheets; the first name
 # contained in torch.cuda.get_device_name() wins, so specific names come first.
 PEAK_BF16_TFLOPS = (
@@ -52,7 +57,9 @@ FLOPS_FORMULA = (
     "N = non-embedding parameters (input embeddings and an untied LM head excluded), tokens = "
     "non-padding tokens actually run (teacher: distinct rows for ours, every row for naive), "
     "gc = 1 with gradient checkpointing (the recomputed forward); attention score FLOPs are not "
-    "counted. MFU = FLOPs/step / step time / peak bf16 FLOP/s"
+    "counted. MFU = FLOPs/step / step time / peak bf16 FLOP/s. MFU with attention adds the causal "
+    "attention matmuls of the real tokens (PaLM's model FLOPs): 2 * S^2 * heads * head_dim per layer "
+    "and row forward (QK^T and PV, half the square), times (3 + gc) for the student, 1 for the teacher"
 )
 
 
@@ -74,6 +81,9 @@ def parse_args(argv):
                              "shuffled trainer mostly sees; 5: all copies of an example in one micro-batch)")
     parser.add_argument("--micro_batch_sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--attention", nargs="+", choices=ATTENTION, default=["padded"],
+                        help="padded: SDPA with the padding mask, as the trainer runs by default; packed: the "
+                             "rows without padding (--packing_samples, kd/packed_attention.py)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median reported)")
     parser.add_argument("--gradient_checkpointing", action="store_true")
@@ -162,6 +172,22 @@ def compile_decoder_layers(model) -> None:
         raise UserError(f"--compile: {type(model).__name__} has no model.layers (decoder layers) to compile")
     for layer in layers:
         layer.compile(dynamic=True)
+
+
+def set_attention(models, attention: str) -> None:
+    """Switch the models between SDPA on padded rows and the packed-rows kernel."""
+    from kd.packed_attention import register_packed_attention
+
+    name = register_packed_attention() if attention == "packed" else "sdpa"
+    for model in models:
+        model.set_attn_implementation(name)
+
+
+def attention_flops_per_pass(model, lengths) -> int:
+    """Causal attention matmul FLOPs of one forward over rows of these real lengths (all layers)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_attention_heads * head_dim * sum(n * n for n in lengths)
 
 
 def non_embedding_params(model) -> int:
@@ -265,28 +291,40 @@ def _teacher_rows(batch: dict, dedup: bool) -> tuple:
     return batch["teacher_input_ids"][index], batch["teacher_attention_mask"][index]
 
 
-def ours_logits(student, teacher, batch, width):
+def ours_logits(student, teacher, batch, width, packed):
     import torch
 
     from kd.losses import response_logits
 
-    student_logits = response_logits(student, batch["student_input_ids"], batch["student_attention_mask"], width)
+    student_logits = response_logits(student, batch["student_input_ids"], batch["student_attention_mask"], width,
+                                     packed)
     with torch.no_grad():
-        teacher_logits = response_logits(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"], width)
+        teacher_logits = response_logits(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"], width,
+                                          packed)
         if teacher_logits.shape[0] != student_logits.shape[0]:
             teacher_logits = teacher_logits[batch["teacher_index"]]
     return student_logits, teacher_logits
 
 
-def naive_logits(student, teacher, batch, width):
+def full_logits(model, ids, mask, width, packed):
+    """fp32 logits at every position, then the response-predicting ones (``[batch, width, vocab]``)."""
+    from kd.packed_attention import pack_rows, packed_forward, response_positions
+
+    if not packed:
+        return model(ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False).logits.float()[
+            :, -(width + 1):-1]
+    pack = pack_rows(ids, mask)
+    full = packed_forward(model, pack).logits.float()[0]
+    return full[response_positions(pack, width)].view(ids.shape[0], width + 1, -1)[:, :-1]
+
+
+def naive_logits(student, teacher, batch, width, packed):
     import torch
 
-    ids, mask = batch["student_input_ids"], batch["student_attention_mask"]
-    full = student(ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False).logits.float()
-    t_ids, t_mask = _teacher_rows(batch, dedup=False)
+    student_logits = full_logits(student, batch["student_input_ids"], batch["student_attention_mask"], width, packed)
     with torch.no_grad():
-        t_full = teacher(t_ids, attention_mask=t_mask, position_ids=_positions(t_mask), use_cache=False).logits.float()
-    return full[:, -(width + 1):-1], t_full[:, -(width + 1):-1]
+        teacher_logits = full_logits(teacher, *_teacher_rows(batch, dedup=False), width, packed)
+    return student_logits, teacher_logits
 
 
 LOGITS = {"ours": ours_logits, "naive": naive_logits}
@@ -297,9 +335,9 @@ def _loss(objective, student_logits, teacher_logits, batch):
                      batch["gold_idx"], batch["is_anchor"])["total"]
 
 
-def train_step(variant, student, teacher, batch, objective, optimizer):
+def train_step(variant, packed, student, teacher, batch, objective, optimizer):
     width = batch["labels"].shape[1]
-    student_logits, teacher_logits = LOGITS[variant](student, teacher, batch, width)
+    student_logits, teacher_logits = LOGITS[variant](student, teacher, batch, width, packed)
     loss = _loss(objective, student_logits, teacher_logits, batch)
     loss.backward()
     optimizer.step()
@@ -375,35 +413,49 @@ def memory_meter(device):
     return CudaMeter(device) if device.type == "cuda" else cpu_meter()
 
 
-def loss_memory(variant, student, teacher, batch, objective, device) -> int:
+def _hidden_and_selector(model, ids, mask, width, packed):
+    """The decoder's last hidden states (no grad) and a function that picks the response-predicting
+    ``width + 1`` positions of every row from any per-position tensor of that layout."""
+    import torch
+
+    from kd.packed_attention import pack_rows, packed_forward, response_positions
+
+    with torch.no_grad():
+        if not packed:
+            hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                                         use_cache=False).last_hidden_state
+            return hidden, lambda x: x[:, -(width + 1):]
+        pack = pack_rows(ids, mask)
+        hidden = packed_forward(model.get_decoder(), pack).last_hidden_state
+    positions = response_positions(pack, width)
+    return hidden, lambda x: x[0][positions].view(ids.shape[0], width + 1, -1)
+
+
+def loss_memory(variant, packed, student, teacher, batch, objective, device) -> int:
     """Bytes the logits + loss computation (forward and backward) needs above what was allocated
     before it: the backbones run first (no grad), then the LM heads, the loss and its backward
     down to the last hidden states are measured. ``ours`` applies the head to the last
     ``width + 1`` positions as ``response_logits`` does; ``naive`` to every position, in fp32."""
-    import torch
-
     width = batch["labels"].shape[1]
     dedup = variant == "ours"
-    t_ids, t_mask = _teacher_rows(batch, dedup)
-    s_ids, s_mask = batch["student_input_ids"], batch["student_attention_mask"]
-    with torch.no_grad():
-        t_hidden = teacher.get_decoder()(input_ids=t_ids, attention_mask=t_mask, position_ids=_positions(t_mask),
-                                         use_cache=False).last_hidden_state
-        s_hidden = student.get_decoder()(input_ids=s_ids, attention_mask=s_mask, position_ids=_positions(s_mask),
-                                         use_cache=False).last_hidden_state
+    t_hidden, t_select = _hidden_and_selector(teacher, *_teacher_rows(batch, dedup), width, packed)
+    s_hidden, s_select = _hidden_and_selector(student, batch["student_input_ids"], batch["student_attention_mask"],
+                                              width, packed)
     hidden = s_hidden.detach().requires_grad_()
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    import torch
+
     with memory_meter(device) as meter:
         if dedup:
-            student_logits = s_head(hidden[:, -(width + 1):])[:, :-1]
+            student_logits = s_head(s_select(hidden))[:, :-1]
             with torch.no_grad():
-                teacher_logits = t_head(t_hidden[:, -(width + 1):])[:, :-1]
+                teacher_logits = t_head(t_select(t_hidden))[:, :-1]
                 if teacher_logits.shape[0] != student_logits.shape[0]:
                     teacher_logits = teacher_logits[batch["teacher_index"]]
         else:
-            student_logits = s_head(hidden).float()[:, -(width + 1):-1]
+            student_logits = s_select(s_head(hidden).float())[:, :-1]
             with torch.no_grad():
-                teacher_logits = t_head(t_hidden).float()[:, -(width + 1):-1]
+                teacher_logits = t_select(t_head(t_hidden).float())[:, :-1]
         _loss(objective, student_logits, teacher_logits, batch).backward()
         del student_logits, teacher_logits
     student.zero_grad(set_to_none=True)
@@ -440,15 +492,21 @@ def _release(optimizer, student) -> None:
         torch.cuda.empty_cache()
 
 
-def run_config(args, variant, micro_batch, batch, student, teacher, objective, optimizer, device, counts, peak):
+def run_config(args, variant, attention, micro_batch, batch, student, teacher, objective, optimizer, device, counts,
+               peak):
     import torch
 
     cuda = device.type == "cuda"
+    packed = attention == "packed"
     student_tokens = int(batch["student_attention_mask"].sum())
     teacher_mask = _teacher_rows(batch, dedup=variant == "ours")[1]
     teacher_tokens = int(teacher_mask.sum())
+    attention_flops = (3 + args.gradient_checkpointing) * attention_flops_per_pass(
+        student, batch["student_attention_mask"].sum(-1).tolist()
+    ) + attention_flops_per_pass(teacher, teacher_mask.sum(-1).tolist())
     result = {
         "variant": variant,
+        "attention": attention,
         "micro_batch_size": micro_batch,
         "student_tokens": student_tokens,
         "student_padded_tokens": int(batch["student_attention_mask"].numel()),
@@ -459,7 +517,7 @@ def run_config(args, variant, micro_batch, batch, student, teacher, objective, o
     }
 
     def step():
-        train_step(variant, student, teacher, batch, objective, optimizer)
+        train_step(variant, packed, student, teacher, batch, objective, optimizer)
 
     oom = False
     try:
@@ -484,7 +542,7 @@ def run_config(args, variant, micro_batch, batch, student, teacher, objective, o
         result["status"] = "OOM"
         return result
     try:
-        result["loss_memory_gib"] = loss_memory(variant, student, teacher, batch, objective, device) / 2**30
+        result["loss_memory_gib"] = loss_memory(variant, packed, student, teacher, batch, objective, device) / 2**30
     except torch.OutOfMemoryError:
         oom = True
     if oom:
@@ -502,6 +560,8 @@ def run_config(args, variant, micro_batch, batch, student, teacher, objective, o
         flops_per_step=flops,
         achieved_tflops=flops / seconds / 1e12,
         mfu=flops / seconds / (peak * 1e12) if peak else None,
+        attention_flops_per_step=attention_flops,
+        mfu_with_attention=(flops + attention_flops) / seconds / (peak * 1e12) if peak else None,
     )
     if args.profile and variant == "ours" and not oom:
         print(f"{variant}, micro-batch {micro_batch}: one step profiled")
@@ -521,21 +581,31 @@ def run_config(args, variant, micro_batch, batch, student, teacher, objective, o
 # --------------------------------------------------------------------------- report
 
 
+def _ratios(ours: dict, naive: dict) -> dict:
+    row = {"tokens_per_s_ratio": ours["student_tokens_per_s"] / naive["student_tokens_per_s"]}
+    for key in ("peak_memory_gib", "step_memory_gib", "loss_memory_gib"):
+        if isinstance(ours.get(key), float) and isinstance(naive.get(key), float) and ours[key] > 0:
+            row[key.replace("_gib", "_ratio_naive_over_ours")] = naive[key] / ours[key]
+    return row
+
+
 def comparisons(results: list) -> list:
-    """ours vs naive at equal micro-batch: speed-up and memory ratios."""
-    by_key = {(r["variant"], r["micro_batch_size"]): r for r in results}
+    """ours vs naive at equal micro-batch: with the same attention layout, and ours packed vs naive
+    padded (the reference's layout without flash-attn) when both layouts ran."""
+    by_key = {(r["variant"], r.get("attention", "padded"), r["micro_batch_size"]): r for r in results}
+    pairs = [(a, a) for a in ATTENTION] + [("packed", "padded")]
     out = []
-    for (variant, micro_batch), ours in sorted(by_key.items(), key=lambda kv: kv[0][1]):
-        naive = by_key.get(("naive", micro_batch))
-        if variant != "ours" or naive is None:
-            continue
-        row = {"micro_batch_size": micro_batch, "ours": ours["status"], "naive": naive["status"]}
-        if ours["status"] == naive["status"] == "ok":
-            row["tokens_per_s_ratio"] = ours["student_tokens_per_s"] / naive["student_tokens_per_s"]
-            for key in ("peak_memory_gib", "step_memory_gib", "loss_memory_gib"):
-                if isinstance(ours.get(key), float) and isinstance(naive.get(key), float) and ours[key] > 0:
-                    row[key.replace("_gib", "_ratio_naive_over_ours")] = naive[key] / ours[key]
-        out.append(row)
+    for micro_batch in sorted({r["micro_batch_size"] for r in results}):
+        for ours_attention, naive_attention in pairs:
+            ours = by_key.get(("ours", ours_attention, micro_batch))
+            naive = by_key.get(("naive", naive_attention, micro_batch))
+            if ours is None or naive is None:
+                continue
+            row = {"micro_batch_size": micro_batch, "ours_attention": ours_attention,
+                   "naive_attention": naive_attention, "ours": ours["status"], "naive": naive["status"]}
+            if ours["status"] == naive["status"] == "ok":
+                row.update(_ratios(ours, naive))
+            out.append(row)
     return out
 
 
@@ -546,18 +616,20 @@ def _fmt(value, spec):
 
 
 def table(results: list) -> str:
-    lines = [f"{'variant':<7} {'mb':>3} {'step ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'MFU %':>6} "
-             f"{'peak GiB':>9} {'step GiB':>9} {'loss GiB':>9}"]
+    lines = [f"{'variant':<7} {'attention':<9} {'mb':>3} {'step ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'MFU %':>6} "
+             f"{'+attn %':>7} {'peak GiB':>9} {'step GiB':>9} {'loss GiB':>9}"]
     for r in results:
+        head = f"{r['variant']:<7} {r.get('attention', 'padded'):<9} {r['micro_batch_size']:>3}"
         if r["status"] != "ok":
-            lines.append(f"{r['variant']:<7} {r['micro_batch_size']:>3} {r['status']:>9}")
+            lines.append(f"{head} {r['status']:>9}")
             continue
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
+        mfu_attn = None if r.get("mfu_with_attention") is None else 100 * r["mfu_with_attention"]
         lines.append(
-            f"{r['variant']:<7} {r['micro_batch_size']:>3} {1000 * r['step_seconds_median']:>9.1f} "
+            f"{head} {1000 * r['step_seconds_median']:>9.1f} "
             f"{r['student_tokens_per_s']:>10.0f} {r['achieved_tflops']:>8.2f} {_fmt(mfu, '6.1f'):>6} "
-            f"{_fmt(r['peak_memory_gib'], '9.2f'):>9} {_fmt(r['step_memory_gib'], '9.3f'):>9} "
-            f"{_fmt(r['loss_memory_gib'], '9.3f'):>9}"
+            f"{_fmt(mfu_attn, '7.1f'):>7} {_fmt(r['peak_memory_gib'], '9.2f'):>9} "
+            f"{_fmt(r['step_memory_gib'], '9.3f'):>9} {_fmt(r['loss_memory_gib'], '9.3f'):>9}"
         )
     return "\n".join(lines)
 
@@ -605,7 +677,7 @@ def main(argv):
 
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"dtype {str(dtype).replace('torch.', '')}, gradient checkpointing {args.gradient_checkpointing}, "
-          f"compiled {args.compile}")
+          f"compiled {args.compile}, attention {' and '.join(args.attention)}")
     print(f"peak: {_fmt(peak, '.0f')} TFLOP/s ({peak_source})")
     print(f"student {student_path}: N = {counts['student'] / 1e6:.1f}M non-embedding parameters; "
           f"teacher {teacher_path}: N = {counts['teacher'] / 1e6:.1f}M")
@@ -614,23 +686,26 @@ def main(argv):
     print(FLOPS_FORMULA)
 
     results = []
-    for micro_batch in args.micro_batch_sizes:
-        batch = {k: v.to(device) for k, v in collate(items[:micro_batch], pad_id).items()}
-        for variant in args.variants:
-            results.append(run_config(args, variant, micro_batch, batch, student, teacher, objective, optimizer,
-                                      device, counts, peak))
+    for attention in args.attention:
+        set_attention((student, teacher), attention)
+        for micro_batch in args.micro_batch_sizes:
+            batch = {k: v.to(device) for k, v in collate(items[:micro_batch], pad_id).items()}
+            for variant in args.variants:
+                results.append(run_config(args, variant, attention, micro_batch, batch, student, teacher, objective,
+                                          optimizer, device, counts, peak))
     ratios = comparisons(results)
     print()
     print("peak GiB: all allocated memory during the timed steps (CUDA only); step GiB: the step's peak above "
           "what was allocated before it; loss GiB: LM heads + loss + their backward alone (see loss_memory)")
     print(table(results))
     for row in ratios:
+        label = f"mb {row['micro_batch_size']}, ours {row['ours_attention']} vs naive {row['naive_attention']}"
         if "tokens_per_s_ratio" in row:
             extra = "".join(f", {k.split('_ratio')[0].replace('_', ' ')} naive/ours {v:.2f}x"
                             for k, v in row.items() if k.endswith("naive_over_ours"))
-            print(f"mb {row['micro_batch_size']}: ours/naive tokens/s {row['tokens_per_s_ratio']:.2f}x{extra}")
+            print(f"{label}: ours/naive tokens/s {row['tokens_per_s_ratio']:.2f}x{extra}")
         else:
-            print(f"mb {row['micro_batch_size']}: ours {row['ours']}, naive {row['naive']}")
+            print(f"{label}: ours {row['ours']}, naive {row['naive']}")
     if args.output:
         report = {
             "benchmark": "bench_train",

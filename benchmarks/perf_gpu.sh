@@ -5,7 +5,8 @@
 # Knobs: TOTAL_DOC (20), MICRO ("1 2 4 8"), GC (1: gradient checkpointing, as train_nq.sh; 0: off;
 # both: two runs), COMPILE (1: torch.compile every decoder layer of both models), PROFILE (1: one
 # extra step of "ours" profiled per micro-batch), COPIES (rows per teacher input, as
-# --group_by_example gives: 5), EVAL_NUM (500), POSITIONS (0,9,19), BATCHES ("64 128"), COMPACT
+# --group_by_example gives: 5), ATTENTION ("padded", "packed" or "padded packed": rows without
+# padding, as --packing_samples), EVAL_NUM (500), POSITIONS (0,9,19), BATCHES ("64 128"), COMPACT
 # (both|on|off), PPC (positions per call, 1), DTYPE (auto|bfloat16|float32: fp32 tells bf16
 # rounding apart from real score differences), PEAK_TFLOPS.
 set -euo pipefail
@@ -25,6 +26,8 @@ if [ -n "${PEAK_TFLOPS:-}" ]; then TRAIN_EXTRA=(--peak_tflops "$PEAK_TFLOPS"); f
 if [ "${COMPILE:-0}" = 1 ]; then TRAIN_EXTRA+=(--compile); fi
 if [ "${PROFILE:-0}" = 1 ]; then TRAIN_EXTRA+=(--profile); fi
 if [ -n "${COPIES:-}" ]; then TRAIN_EXTRA+=(--copies_per_example "$COPIES"); fi
+# shellcheck disable=SC2206  # ATTENTION is a list of words
+if [ -n "${ATTENTION:-}" ]; then TRAIN_EXTRA+=(--attention $ATTENTION); fi
 mkdir -p "$OUT_DIR"
 gpu_ids=()  # the GPU the benchmarks run on, not every GPU of the machine
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then gpu_ids=(-i "${CUDA_VISIBLE_DEVICES%%,*}"); fi
@@ -35,6 +38,7 @@ train() {  # $1: 1 with gradient checkpointing, 0 without
     if [ "$1" = 1 ]; then flag=(--gradient_checkpointing); tag=gc; fi
     if [ "${COMPILE:-0}" = 1 ]; then tag=${tag}_compiled; fi
     if [ -n "${COPIES:-}" ]; then tag=${tag}_copies$COPIES; fi
+    if [ -n "${ATTENTION:-}" ]; then tag=${tag}_${ATTENTION// /_}; fi
     # shellcheck disable=SC2086  # MICRO is a list of numbers
     python benchmarks/bench_train.py --model "$MODEL" --data "$DATA" --total_doc "$TOTAL_DOC" --micro_batch_sizes $MICRO \
         "${flag[@]}" "${TRAIN_EXTRA[@]}" --output "$OUT_DIR/bench_train_$tag.json" 2>&1 | tee "$OUT_DIR/bench_train_$tag.log"

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
-def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int) -> torch.Tensor:
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int,
+                    packed: bool = False) -> torch.Tensor:
     """Logits that predict the last ``width`` tokens of each row, ``[batch, width, vocab]``.
 
     Every row ends at position S-1 (padding sits before the response and the last prompt
@@ -25,7 +26,14 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ``S - width + k - 1``: slot ``k`` of the result is the output at that earlier position.
     Only the last ``width + 1`` positions go through the LM head (``logits_to_keep``), never
     the full ``[batch, seq, vocab]`` tensor. Position ids follow the attention mask.
+
+    ``packed=True`` runs the rows' real tokens as one sequence without padding
+    (``kd.packed_attention``; the model should use its attention implementation, else
+    transformers builds a block-diagonal mask): the same logits, the LM head at the same
+    ``width + 1`` last positions of each row.
     """
+    if packed:
+        return _packed_response_logits(model, input_ids, attention_mask, width)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     output = model(
         input_ids,
@@ -35,6 +43,14 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         use_cache=False,
     )
     return output.logits[:, -(width + 1) : -1]
+
+
+def _packed_response_logits(model, input_ids, attention_mask, width):
+    from .packed_attention import pack_rows, packed_forward, response_positions
+
+    pack = pack_rows(input_ids, attention_mask)
+    output = packed_forward(model, pack, logits_to_keep=response_positions(pack, width))
+    return output.logits.view(input_ids.shape[0], width + 1, -1)[:, :-1]
 
 
 def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:

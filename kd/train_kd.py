@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--group_by_example", action="store_true",
                       help="shuffle whole examples, not rows: an example's copies share a micro-batch and one "
                            "teacher forward (faster; changes the batch mix, see kd/example_sampler.py)")
+    data.add_argument("--packing_samples", action="store_true",
+                      help="run a micro-batch's rows as one sequence without padding, attention within each row "
+                           "(kd/packed_attention.py: torch's varlen flash kernel on CUDA, or flash-attn with "
+                           "--flash_attn); the same losses")
 
     kd = parser.add_argument_group("distillation")
     kd.add_argument("--pretrain", required=True, help="student model (folder or hub id)")
@@ -146,17 +150,24 @@ def parse_args(argv):
     return args
 
 
-def attention_implementation(want_flash: bool, strategy) -> str:
+def attention_implementation(want_flash: bool, strategy, packing: bool = False) -> str:
+    """flash_attention_2 when asked for and usable; otherwise SDPA, or the packed kernel with packing.
+
+    transformers' flash-attn path reads the packed rows' ``cu_seq_lens`` itself, so packing
+    works with either.
+    """
     from transformers.utils import is_flash_attn_2_available
 
     from kd.flash_attn_fallback import flash_attn_installed
+    from kd.packed_attention import register_packed_attention
 
+    fallback = register_packed_attention() if packing else "sdpa"
     if not want_flash:
-        return "sdpa"
+        return fallback
     if flash_attn_installed() and is_flash_attn_2_available():
         return "flash_attention_2"
-    strategy.print("warning: --flash_attn requested but flash-attn is not usable here; using SDPA attention")
-    return "sdpa"
+    strategy.print(f"warning: --flash_attn requested but flash-attn is not usable here; using {fallback} attention")
+    return fallback
 
 
 def load_training_data(args):
@@ -240,7 +251,7 @@ def train(args) -> None:
     strategy.setup_distributed()
     strategy.print("config: " + json.dumps(vars(args), indent=2, sort_keys=True, default=str))
 
-    attn = attention_implementation(args.flash_attn, strategy)
+    attn = attention_implementation(args.flash_attn, strategy, args.packing_samples)
     model = strategy.load_actor(args.pretrain, strategy.get_ds_train_config(is_actor=True), args.lora_rank, attn)
     teacher_config = strategy.get_ds_eval_config(offload=args.teacher_offload)
     teacher = strategy.load_actor(args.teacher_model, teacher_config, 0, attn)

@@ -55,6 +55,7 @@ class Pos2DistillTrainer(KDTrainer):
             rank=strategy.get_rank(),
         )
         self.max_consecutive_skips = args.max_consecutive_skips
+        self.packed = args.packing_samples
         self.skipped_steps = skipped_steps
         self._finite_flags = []
         for param in self.model.model.parameters():
@@ -69,11 +70,12 @@ class Pos2DistillTrainer(KDTrainer):
         """Loss components of one micro-batch (already on the device)."""
         width = batch["labels"].shape[1]
         student_logits = response_logits(
-            self.model.model, batch["student_input_ids"], batch["student_attention_mask"], width
+            self.model.model, batch["student_input_ids"], batch["student_attention_mask"], width, self.packed
         )
         with torch.no_grad():
             teacher_logits = response_logits(
-                self.teacher_model.model, batch["teacher_input_ids"], batch["teacher_attention_mask"], width
+                self.teacher_model.model, batch["teacher_input_ids"], batch["teacher_attention_mask"], width,
+                self.packed,
             )
             if teacher_logits.shape[0] != student_logits.shape[0]:
                 teacher_logits = teacher_logits[batch["teacher_index"]]

@@ -40,17 +40,20 @@ def _run(script, *args):
     return done.stdout
 
 
-def _check_train_report(report, sizes):
+def _check_train_report(report, sizes, attention=("padded",)):
     results = report["results"]
-    expected = {(variant, size) for variant in ("ours", "naive") for size in sizes}
-    assert {(r["variant"], r["micro_batch_size"]) for r in results} == expected
+    expected = {(variant, a, size) for variant in ("ours", "naive") for a in attention for size in sizes}
+    assert {(r["variant"], r["attention"], r["micro_batch_size"]) for r in results} == expected
     for r in results:
         assert r["status"] == "ok"
         for key in ("step_seconds_median", "student_tokens_per_s", "achieved_tflops", "mfu", "step_memory_gib",
-                    "loss_memory_gib", "student_tokens", "teacher_tokens", "flops_per_step"):
+                    "loss_memory_gib", "student_tokens", "teacher_tokens", "flops_per_step",
+                    "attention_flops_per_step"):
             assert r[key] > 0, (key, r)
+        assert r["mfu_with_attention"] > r["mfu"]
         assert r["peak_memory_gib"] is None  # CPU: no allocator statistics
-    assert [c["micro_batch_size"] for c in report["comparison"]] == sorted(sizes)
+    pairs = len(attention) + (len(attention) == 2)  # same layout each, plus ours packed vs naive padded
+    assert [c["micro_batch_size"] for c in report["comparison"]] == [s for s in sorted(sizes) for _ in range(pairs)]
     assert all(c["tokens_per_s_ratio"] > 0 and c["loss_memory_ratio_naive_over_ours"] > 0
                for c in report["comparison"])
     assert "6" in report["flops_formula"] and report["student_non_embedding_params"] > 0
@@ -74,10 +77,18 @@ def test_bench_train_real_data_dedups_teacher(tmp_path, tiny_model):
     out = tmp_path / "train.json"
     _run("bench_train.py", "--model", tiny_model, "--device", "cpu", "--threads", "1", "--data", data,
          "--total_doc", TOTAL, "--copies_per_example", 2, "--micro_batch_sizes", 2, "--warmup", 0, "--steps", 1,
-         "--gradient_checkpointing", "--peak_tflops", 1.0, "--profile", "--output", out)
+         "--gradient_checkpointing", "--peak_tflops", 1.0, "--profile", "--attention", "padded", "packed",
+         "--output", out)
     report = json.loads(out.read_text())
-    _check_train_report(report, [2])
-    rows = {r["variant"]: r for r in report["results"]}
+    _check_train_report(report, [2], ("padded", "packed"))
+    assert {(c["ours_attention"], c["naive_attention"]) for c in report["comparison"]} == {
+        ("padded", "padded"), ("packed", "packed"), ("packed", "padded")}
+    by_layout = {(r["variant"], r["attention"]): r for r in report["results"]}
+    for variant in ("ours", "naive"):  # the same rows and FLOPs whichever the layout
+        padded, packed = by_layout[(variant, "padded")], by_layout[(variant, "packed")]
+        for key in ("student_tokens", "teacher_tokens", "flops_per_step", "attention_flops_per_step"):
+            assert padded[key] == packed[key], key
+    rows = {r["variant"]: r for r in report["results"] if r["attention"] == "padded"}
     assert rows["ours"]["teacher_rows"] == 1 and rows["naive"]["teacher_rows"] == 2
     # --profile: one more step of "ours" profiled (host operators only on a CPU), none of "naive"
     profiled = rows["ours"]["profile"]
@@ -157,15 +168,17 @@ def test_bench_train_reports_out_of_memory_and_goes_on(monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(bench, "train_step", out_of_memory)
+    monkeypatch.setattr(bench, "attention_flops_per_pass", lambda model, lengths: 0)
     student = torch.nn.Linear(1, 1)
     optimizer = torch.optim.AdamW(student.parameters())
-    naive = bench.run_config(args, "naive", 2, batch, student, None, None, optimizer, torch.device("cpu"),
+    naive = bench.run_config(args, "naive", "padded", 2, batch, student, None, None, optimizer, torch.device("cpu"),
                              {"student": 1, "teacher": 1}, None)
     assert naive["status"] == "OOM" and naive["teacher_rows"] == 2
-    ours = {"variant": "ours", "micro_batch_size": 2, "status": "ok", "step_seconds_median": 0.1,
+    ours = {"variant": "ours", "attention": "padded", "micro_batch_size": 2, "status": "ok", "step_seconds_median": 0.1,
             "student_tokens_per_s": 100.0, "achieved_tflops": 0.1, "mfu": None, "peak_memory_gib": None,
             "step_memory_gib": 0.1, "loss_memory_gib": "OOM"}
-    assert bench.comparisons([ours, naive]) == [{"micro_batch_size": 2, "ours": "ok", "naive": "OOM"}]
+    assert bench.comparisons([ours, naive]) == [{"micro_batch_size": 2, "ours_attention": "padded",
+                                                 "naive_attention": "padded", "ours": "ok", "naive": "OOM"}]
     table = bench.table([ours, naive])
     assert "OOM" in table.splitlines()[2] and "OOM" in table.splitlines()[1]
 

@@ -252,7 +252,7 @@ def test_train_exits_0_and_saves_a_loadable_changed_model(trained, tiny_model):
     from transformers import AutoTokenizer
 
     assert trained["code"] == 0, trained["output"][-5000:]
-    assert "using SDPA attention" in trained["output"]  # --flash_attn without flash-attn
+    assert "using sdpa attention" in trained["output"]  # --flash_attn without flash-attn
     folder = trained["out"] / "save" / RUN
     assert (folder / "config.json").exists()
     after, before = load_state(str(folder)), load_state(tiny_model)
@@ -280,6 +280,21 @@ def test_tensorboard_scalars(trained):
         assert f"train/{name}" in tags
     assert [e.step for e in acc.Scalars("train/total")] == [1, 2, 3]
     assert [e.value for e in acc.Scalars("train/skipped_steps")] == [0, 0, 0]
+
+
+def test_packing_samples_trains_the_same_weights(trained, tiny_model):
+    # ZeRO-3, gradient checkpointing and teacher offload with packed rows (kd/packed_attention.py):
+    # the packed kwargs reach every attention layer, and the run ends where the padded one did
+    assert trained["code"] == 0, trained["output"][-3000:]
+    base = trained["base"]
+    flags = train_flags(tiny_model, base / "data", base / "packed") + ["--packing_samples"]
+    code, output = run(deepspeed_cmd(PROCS) + flags, base)
+    assert code == 0, output[-5000:]
+    assert "using pos2distill_packed attention" in output  # --flash_attn without flash-attn
+    packed = load_state(str(base / "packed" / "save" / RUN))
+    padded = load_state(str(trained["out"] / "save" / RUN))
+    for name in padded:
+        assert torch.allclose(packed[name], padded[name], atol=1e-4), name
 
 
 def test_resume_continues_the_same_data_order(trained, tiny_model):

@@ -1,0 +1,98 @@
+"""Packed micro-batches (kd/packed_attention.py): the same logits and gradients as padded rows."""
+
+import pytest
+import torch
+
+from kd.losses import response_logits
+from kd.packed_attention import (
+    PACKED_ATTENTION,
+    _per_row_attention,
+    pack_rows,
+    packed_attention_forward,
+    register_packed_attention,
+)
+from kd.pair_dataset import pad_before_tail
+from pos2distill.errors import UserError
+
+ROWS = [[5, 17, 99, 1000, 42, 7], [8, 300, 12, 9], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
+RESPONSE_LENGTHS = [3, 2, 1]
+
+
+def _batch():
+    return pad_before_tail(ROWS, [n + 1 for n in RESPONSE_LENGTHS], pad_id=0)
+
+
+def test_pack_rows_keeps_token_order_and_restarts_positions():
+    ids, mask = _batch()
+    pack = pack_rows(ids, mask)
+    assert pack["input_ids"][0].tolist() == sum(ROWS, [])
+    assert pack["position_ids"][0].tolist() == sum((list(range(len(r))) for r in ROWS), [])
+    assert pack["cu_seq_lens"].tolist() == [0, 6, 10, 19]
+    assert pack["cu_seq_lens"].dtype == torch.int32
+    assert pack["max_length"] == 9
+    assert pack["ends"].tolist() == [6, 10, 19]
+
+
+def test_pack_rows_rejects_an_empty_row():
+    with pytest.raises(UserError, match="without tokens"):
+        pack_rows(torch.tensor([[1, 2], [0, 0]]), torch.tensor([[1, 1], [0, 0]]))
+
+
+def test_per_row_attention_matches_causal_sdpa_on_each_row_with_grouped_heads():
+    torch.manual_seed(0)
+    lengths = [5, 3, 7]
+    cu = torch.tensor([0, 5, 8, 15], dtype=torch.int32)
+    q, k, v = torch.randn(15, 4, 8), torch.randn(15, 2, 8), torch.randn(15, 2, 8)
+    got = _per_row_attention(q, k, v, cu, scaling=0.3)
+    start = 0
+    for n in lengths:
+        rows = slice(start, start + n)
+        # independent reference: explicit softmax over the causal scores, key/value head h // 2
+        for h in range(4):
+            scores = 0.3 * q[rows, h] @ k[rows, h // 2].T
+            scores = scores.masked_fill(torch.ones(n, n).triu(1).bool(), float("-inf"))
+            want = scores.softmax(-1) @ v[rows, h // 2]
+            assert torch.allclose(got[rows, h], want, atol=1e-5), (start, h)
+        start += n
+
+
+def test_packed_attention_needs_packed_inputs():
+    q = torch.randn(2, 4, 3, 8)
+    with pytest.raises(UserError, match="needs packed rows"):
+        packed_attention_forward(None, q, q, q, None)
+
+
+def _model(tiny_model, attn):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attn)
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("attn", [PACKED_ATTENTION, "sdpa"])
+def test_packed_response_logits_and_gradients_match_padded(tiny_model, attn):
+    # "sdpa" checks the fallback: transformers sees restarting positions and masks across rows itself
+    register_packed_attention()
+    padded_model, packed_model = _model(tiny_model, "sdpa"), _model(tiny_model, attn)
+    ids, mask = _batch()
+    width = max(RESPONSE_LENGTHS)
+    want = response_logits(padded_model, ids, mask, width)
+    got = response_logits(packed_model, ids, mask, width, packed=True)
+    assert got.shape == want.shape == (3, width, padded_model.config.vocab_size)
+    slots = torch.arange(width)[None, :] >= width - torch.tensor(RESPONSE_LENGTHS)[:, None]
+    assert torch.allclose(got[slots], want[slots], atol=1e-5)
+    # the same loss gives the same gradients in every weight
+    weights = torch.randn(int(slots.sum()), got.shape[-1])
+    (want[slots] * weights).sum().backward()
+    (got[slots] * weights).sum().backward()
+    for (name, a), b in zip(padded_model.named_parameters(), packed_model.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-4), (name, (a.grad - b.grad).abs().max())
+
+
+def test_packed_attention_is_not_saved_with_the_model(tiny_model, tmp_path):
+    # a checkpoint trained with packing must load anywhere, without this project's registration
+    register_packed_attention()
+    model = _model(tiny_model, PACKED_ATTENTION)
+    model.save_pretrained(tmp_path)
+    assert PACKED_ATTENTION not in (tmp_path / "config.json").read_text()
