@@ -53,13 +53,14 @@ PEAK_BF16_TFLOPS = (
     ("A100", 312.0),
 )
 FLOPS_FORMULA = (
-    "FLOPs/step = (6 + 2*gc) * N_student * student_tokens + 2 * N_teacher * teacher_tokens; "
+    "model FLOPs/step = 6 * N_student * student_tokens + 2 * N_teacher * teacher_tokens; "
     "N = non-embedding parameters (input embeddings and an untied LM head excluded), tokens = "
-    "non-padding tokens actually run (teacher: distinct rows for ours, every row for naive), "
-    "gc = 1 with gradient checkpointing (the recomputed forward); attention score FLOPs are not "
-    "counted. MFU = FLOPs/step / step time / peak bf16 FLOP/s. MFU with attention adds the causal "
+    "non-padding tokens actually run (teacher: distinct rows for ours, every row for naive). "
+    "MFU = model FLOPs/step / step time / peak bf16 FLOP/s. MFU with attention adds the causal "
     "attention matmuls of the real tokens (PaLM's model FLOPs): 2 * S^2 * heads * head_dim per layer "
-    "and row forward (QK^T and PV, half the square), times (3 + gc) for the student, 1 for the teacher"
+    "and row forward (QK^T and PV, half the square), times 3 for the student, 1 for the teacher. "
+    "HFU (hardware FLOPs, attention included) also counts the forward that gradient checkpointing "
+    "recomputes: + 2 * N_student * student_tokens + the student's attention forward once more"
 )
 
 
@@ -501,9 +502,10 @@ def run_config(args, variant, attention, micro_batch, batch, student, teacher, o
     student_tokens = int(batch["student_attention_mask"].sum())
     teacher_mask = _teacher_rows(batch, dedup=variant == "ours")[1]
     teacher_tokens = int(teacher_mask.sum())
-    attention_flops = (3 + args.gradient_checkpointing) * attention_flops_per_pass(
-        student, batch["student_attention_mask"].sum(-1).tolist()
-    ) + attention_flops_per_pass(teacher, teacher_mask.sum(-1).tolist())
+    student_attention = attention_flops_per_pass(student, batch["student_attention_mask"].sum(-1).tolist())
+    attention_flops = 3 * student_attention + attention_flops_per_pass(teacher, teacher_mask.sum(-1).tolist())
+    # gradient checkpointing runs the student's forward twice: hardware FLOPs, not model FLOPs
+    recomputed_flops = args.gradient_checkpointing * (2 * counts["student"] * student_tokens + student_attention)
     result = {
         "variant": variant,
         "attention": attention,
@@ -549,8 +551,7 @@ def run_config(args, variant, attention, micro_batch, batch, student, teacher, o
         _release(optimizer, student)
         result["loss_memory_gib"] = "OOM"
     seconds = statistics.median(times)
-    flops = (6 + 2 * args.gradient_checkpointing) * counts["student"] * student_tokens \
-        + 2 * counts["teacher"] * teacher_tokens
+    flops = 6 * counts["student"] * student_tokens + 2 * counts["teacher"] * teacher_tokens
     result.update(
         status="ok",
         step_seconds_median=seconds,
@@ -562,6 +563,8 @@ def run_config(args, variant, attention, micro_batch, batch, student, teacher, o
         mfu=flops / seconds / (peak * 1e12) if peak else None,
         attention_flops_per_step=attention_flops,
         mfu_with_attention=(flops + attention_flops) / seconds / (peak * 1e12) if peak else None,
+        hardware_flops_per_step=flops + attention_flops + recomputed_flops,
+        hfu=(flops + attention_flops + recomputed_flops) / seconds / (peak * 1e12) if peak else None,
     )
     if args.profile and variant == "ours" and not oom:
         print(f"{variant}, micro-batch {micro_batch}: one step profiled")
@@ -617,7 +620,7 @@ def _fmt(value, spec):
 
 def table(results: list) -> str:
     lines = [f"{'variant':<7} {'attention':<9} {'mb':>3} {'step ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'MFU %':>6} "
-             f"{'+attn %':>7} {'peak GiB':>9} {'step GiB':>9} {'loss GiB':>9}"]
+             f"{'+attn %':>7} {'HFU %':>6} {'peak GiB':>9} {'step GiB':>9} {'loss GiB':>9}"]
     for r in results:
         head = f"{r['variant']:<7} {r.get('attention', 'padded'):<9} {r['micro_batch_size']:>3}"
         if r["status"] != "ok":
@@ -625,10 +628,11 @@ def table(results: list) -> str:
             continue
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
         mfu_attn = None if r.get("mfu_with_attention") is None else 100 * r["mfu_with_attention"]
+        hfu = None if r.get("hfu") is None else 100 * r["hfu"]
         lines.append(
             f"{head} {1000 * r['step_seconds_median']:>9.1f} "
             f"{r['student_tokens_per_s']:>10.0f} {r['achieved_tflops']:>8.2f} {_fmt(mfu, '6.1f'):>6} "
-            f"{_fmt(mfu_attn, '7.1f'):>7} {_fmt(r['peak_memory_gib'], '9.2f'):>9} "
+            f"{_fmt(mfu_attn, '7.1f'):>7} {_fmt(hfu, '6.1f'):>6} {_fmt(r['peak_memory_gib'], '9.2f'):>9} "
             f"{_fmt(r['step_memory_gib'], '9.3f'):>9} {_fmt(r['loss_memory_gib'], '9.3f'):>9}"
         )
     return "\n".join(lines)

@@ -50,13 +50,20 @@ def _check_train_report(report, sizes, attention=("padded",)):
                     "loss_memory_gib", "student_tokens", "teacher_tokens", "flops_per_step",
                     "attention_flops_per_step"):
             assert r[key] > 0, (key, r)
-        assert r["mfu_with_attention"] > r["mfu"]
+        assert r["hfu"] >= r["mfu_with_attention"] > r["mfu"]
         assert r["peak_memory_gib"] is None  # CPU: no allocator statistics
     pairs = len(attention) + (len(attention) == 2)  # same layout each, plus ours packed vs naive padded
     assert [c["micro_batch_size"] for c in report["comparison"]] == [s for s in sorted(sizes) for _ in range(pairs)]
     assert all(c["tokens_per_s_ratio"] > 0 and c["loss_memory_ratio_naive_over_ours"] > 0
                for c in report["comparison"])
     assert "6" in report["flops_formula"] and report["student_non_embedding_params"] > 0
+    for r in results:  # model FLOPs never count gradient checkpointing's recomputed forward; HFU does
+        recomputed = r["hardware_flops_per_step"] - r["flops_per_step"] - r["attention_flops_per_step"]
+        dense = 2 * report["student_non_embedding_params"] * r["student_tokens"]
+        if report["args"]["gradient_checkpointing"]:
+            assert recomputed > dense, (recomputed, dense)  # the dense forward plus its attention
+        else:
+            assert recomputed == 0
 
 
 def test_bench_train_synthetic(tmp_path, tiny_model):
