@@ -37,7 +37,7 @@ TEACHER_OFFLOAD=${TEACHER_OFFLOAD:-1}
 GRAD_CKPT=${GRAD_CKPT:-1}
 
 GROUP_BY_EXAMPLE=${GROUP_BY_EXAMPLE:-0}          # 1: an example's copies share a micro-batch (--group_by_example)
-PACKING=${PACKING:-0}                            # 1: a micro-batch's rows run without padding (--packing_samples)
+PACKING=${PACKING:-1}                            # 1: a micro-batch's rows run without padding (--packing_samples); 0: padded
 
 OPTIONAL=()
 if [ "$TEACHER_OFFLOAD" = 1 ]; then OPTIONAL+=(--teacher_offload); fi

@@ -204,6 +204,10 @@ def test_train_nq_sh_lets_the_launcher_take_cuda_visible_devices(tmp_path):
     assert args == ""
     proc, args = launch(CUDA_VISIBLE_DEVICES="", NUM_GPUS="4")
     assert proc.returncode == 0 and args.startswith("--master_port 6666 --num_gpus 4 kd/train_kd.py")
+    # rows are packed unless PACKING=0 asks for the padded micro-batches
+    assert "--packing_samples" in args.split()
+    proc, args = launch(CUDA_VISIBLE_DEVICES="", NUM_GPUS="4", PACKING="0")
+    assert proc.returncode == 0 and "--packing_samples" not in args.split()
 
 
 def test_resume_refuses_a_checkpoint_with_another_data_order():
@@ -252,7 +256,7 @@ def test_train_exits_0_and_saves_a_loadable_changed_model(trained, tiny_model):
     from transformers import AutoTokenizer
 
     assert trained["code"] == 0, trained["output"][-5000:]
-    assert "using sdpa attention" in trained["output"]  # --flash_attn without flash-attn
+    assert "using SDPA attention" in trained["output"]  # --flash_attn without flash-attn
     folder = trained["out"] / "save" / RUN
     assert (folder / "config.json").exists()
     after, before = load_state(str(folder)), load_state(tiny_model)
@@ -290,7 +294,7 @@ def test_packing_samples_trains_the_same_weights(trained, tiny_model):
     flags = train_flags(tiny_model, base / "data", base / "packed") + ["--packing_samples"]
     code, output = run(deepspeed_cmd(PROCS) + flags, base)
     assert code == 0, output[-5000:]
-    assert "using pos2distill_packed attention" in output  # --flash_attn without flash-attn
+    assert '"packing_samples": true' in output and "using SDPA attention" not in output
     packed = load_state(str(base / "packed" / "save" / RUN))
     padded = load_state(str(trained["out"] / "save" / RUN))
     for name in padded:
