@@ -102,16 +102,22 @@ def _varlen_attention(query, key, value, cu_seq_lens, max_length, scaling):
 
 
 def _per_row_attention(query, key, value, cu_seq_lens, scaling):
-    """Causal SDPA on each row's span: the reference path, and the one used off CUDA."""
+    """Causal SDPA on each row's span: the reference path, and the one used off CUDA (or on torch < 2.9)."""
     groups = query.shape[1] // key.shape[1]
     bounds = cu_seq_lens.tolist()
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        q = query[start:end].transpose(0, 1)
-        k = key[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
-        v = value[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
-        outputs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling).transpose(0, 1))
+        # [1, heads, tokens, dim]: SDPA's fused kernels take 4-D inputs only
+        q = query[start:end].transpose(0, 1).unsqueeze(0)
+        k = key[start:end].transpose(0, 1).repeat_interleave(groups, dim=0).unsqueeze(0)
+        v = value[start:end].transpose(0, 1).repeat_interleave(groups, dim=0).unsqueeze(0)
+        outputs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)[0].transpose(0, 1))
     return torch.cat(outputs, dim=0)
+
+
+def varlen_kernel_available() -> bool:
+    """Whether this torch has the variable-length flash kernel the packed rows use on CUDA."""
+    return _VARLEN is not None
 
 
 def use_varlen_kernel(query: torch.Tensor) -> bool:

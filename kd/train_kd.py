@@ -163,6 +163,13 @@ def attention_implementation(want_flash: bool, strategy, packing: bool = False) 
     from kd.packed_attention import register_packed_attention
 
     if packing:
+        import torch
+
+        from kd.packed_attention import varlen_kernel_available
+
+        if torch.cuda.is_available() and not varlen_kernel_available():
+            strategy.print(f"warning: torch {torch.__version__} has no variable-length flash attention (torch >= 2.9): "
+                           "packed rows fall back to per-row SDPA, which can be slower than PACKING=0")
         return register_packed_attention()
     if not want_flash:
         return "sdpa"

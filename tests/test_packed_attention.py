@@ -96,3 +96,18 @@ def test_packed_attention_is_not_saved_with_the_model(tiny_model, tmp_path):
     model = _model(tiny_model, PACKED_ATTENTION)
     model.save_pretrained(tmp_path)
     assert PACKED_ATTENTION not in (tmp_path / "config.json").read_text()
+
+
+def test_packing_warns_when_cuda_torch_lacks_the_varlen_kernel(monkeypatch):
+    import kd.packed_attention as packed
+    from kd.train_kd import attention_implementation
+
+    printed = []
+    strategy = type("Strategy", (), {"print": staticmethod(printed.append)})()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(packed, "_VARLEN", None)
+    assert attention_implementation(True, strategy, packing=True) == PACKED_ATTENTION
+    assert len(printed) == 1 and "fall back to per-row SDPA" in printed[0]
+    monkeypatch.setattr(packed, "_VARLEN", lambda *a, **k: None)
+    printed.clear()
+    assert attention_implementation(False, strategy, packing=True) == PACKED_ATTENTION and printed == []
