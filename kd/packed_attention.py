@@ -124,6 +124,18 @@ def use_varlen_kernel(query: torch.Tensor) -> bool:
     return _VARLEN is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
 
 
+def _check_plain_causal(kwargs: dict) -> None:
+    """Refuse attention variants this kernel does not compute, rather than silently ignore them."""
+    window = kwargs.get("sliding_window")
+    if window is not None and window < kwargs["max_length_q"]:
+        raise UserError(f"packed rows: the model uses sliding-window attention ({window} tokens, shorter than "
+                        f"the longest row, {kwargs['max_length_q']}); train with PACKING=0 (no --packing_samples)")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise UserError(f"packed rows: the model's attention uses {name}, which the packed kernel does not "
+                            "compute; train with PACKING=0 (no --packing_samples)")
+
+
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              **kwargs):
     """transformers attention function for packed rows: ``query [1, heads, T, dim]`` -> ``[1, T, heads, dim]``."""
@@ -135,6 +147,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         )
     if dropout:
         raise UserError(f"attention {PACKED_ATTENTION!r} has no dropout (got {dropout})")
+    _check_plain_causal(kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
     if use_varlen_kernel(q):
         out = _varlen_attention(q, k, v, cu_seq_lens, kwargs["max_length_q"], scaling)

@@ -111,3 +111,17 @@ def test_packing_warns_when_cuda_torch_lacks_the_varlen_kernel(monkeypatch):
     monkeypatch.setattr(packed, "_VARLEN", lambda *a, **k: None)
     printed.clear()
     assert attention_implementation(False, strategy, packing=True) == PACKED_ATTENTION and printed == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"sliding_window": 4}, "sliding-window attention"),
+    ({"softcap": 30.0}, "softcap"),
+])
+def test_packed_attention_refuses_what_it_does_not_compute(extra, message):
+    q = torch.randn(1, 4, 10, 8)
+    cu = torch.tensor([0, 6, 10], dtype=torch.int32)
+    kwargs = {"cu_seq_lens_q": cu, "max_length_q": 6}
+    out, _ = packed_attention_forward(None, q, q[:, :2], q[:, :2], None, sliding_window=6, **kwargs)
+    assert out.shape == (1, 10, 4, 8)  # a window as long as the longest row changes nothing
+    with pytest.raises(UserError, match=message):
+        packed_attention_forward(None, q, q[:, :2], q[:, :2], None, **kwargs, **extra)
