@@ -59,7 +59,8 @@ FLOPS_FORMULA = (
     "MFU = model FLOPs/step / step time / peak bf16 FLOP/s. MFU with attention adds the causal "
     "attention matmuls of the real tokens (PaLM's model FLOPs): 2 * S^2 * heads * head_dim per layer "
     "and row forward (QK^T and PV, half the square), times 3 for the student, 1 for the teacher. "
-    "HFU (hardware FLOPs, attention included) also counts the forward that gradient checkpointing "
+    "HFU (hardware FLOPs, attention included; packed rows only, as padded rows also compute their "
+    "padding and the masked half of attention) also counts the forward that gradient checkpointing "
     "recomputes: + 2 * N_student * student_tokens + the student's attention forward once more"
 )
 
@@ -175,12 +176,14 @@ def compile_decoder_layers(model) -> None:
         layer.compile(dynamic=True)
 
 
-def set_attention(models, attention: str) -> None:
+def set_attention(models, attention: str, longest: int) -> None:
     """Switch the models between SDPA on padded rows and the packed-rows kernel."""
-    from kd.packed_attention import register_packed_attention
+    from kd.packed_attention import check_packable, register_packed_attention
 
     name = register_packed_attention() if attention == "packed" else "sdpa"
     for model in models:
+        if attention == "packed":
+            check_packable(model.config, longest)
         model.set_attn_implementation(name)
 
 
@@ -563,8 +566,9 @@ def run_config(args, variant, attention, micro_batch, batch, student, teacher, o
         mfu=flops / seconds / (peak * 1e12) if peak else None,
         attention_flops_per_step=attention_flops,
         mfu_with_attention=(flops + attention_flops) / seconds / (peak * 1e12) if peak else None,
-        hardware_flops_per_step=flops + attention_flops + recomputed_flops,
-        hfu=(flops + attention_flops + recomputed_flops) / seconds / (peak * 1e12) if peak else None,
+        # padded rows also compute their padding and the masked half of attention: not modelled, no HFU
+        hardware_flops_per_step=flops + attention_flops + recomputed_flops if packed else None,
+        hfu=(flops + attention_flops + recomputed_flops) / seconds / (peak * 1e12) if peak and packed else None,
     )
     if args.profile and variant == "ours" and not oom:
         print(f"{variant}, micro-batch {micro_batch}: one step profiled")
@@ -691,7 +695,8 @@ def main(argv):
 
     results = []
     for attention in args.attention:
-        set_attention((student, teacher), attention)
+        set_attention((student, teacher), attention,
+                      max(max(len(it["student_ids"]), len(it["teacher_ids"])) for it in items))
         for micro_batch in args.micro_batch_sizes:
             batch = {k: v.to(device) for k, v in collate(items[:micro_batch], pad_id).items()}
             for variant in args.variants:

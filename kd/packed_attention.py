@@ -61,9 +61,21 @@ def response_positions(pack: dict, width: int) -> torch.Tensor:
     return (pack["ends"][:, None] - (width + 1) + offsets).clamp_min(0).flatten()
 
 
+class _CallCounter:
+    """How many attention layers ran the packed kernel in the current :func:`packed_forward`."""
+
+    calls = 0
+
+
 def packed_forward(model, pack: dict, **kwargs):
-    """``model`` (a causal LM or its decoder) on a :func:`pack_rows` result, rows kept apart by ``cu_seq_lens``."""
-    return model(
+    """``model`` (a causal LM or its decoder) on a :func:`pack_rows` result, rows kept apart by ``cu_seq_lens``.
+
+    Every decoder layer must have run the packed kernel: a layer that mixes tokens some other
+    way (another attention implementation, a convolution, a recurrent layer) would see across
+    rows, so anything else is an error, not a silent difference.
+    """
+    _CallCounter.calls = 0
+    output = model(
         input_ids=pack["input_ids"],
         position_ids=pack["position_ids"],
         use_cache=False,
@@ -73,6 +85,27 @@ def packed_forward(model, pack: dict, **kwargs):
         max_length_k=pack["max_length"],
         **kwargs,
     )
+    layers = getattr(model.config, "num_hidden_layers", None)
+    if layers is not None and _CallCounter.calls != layers:
+        raise UserError(
+            f"packed rows: {_CallCounter.calls} of the model's {layers} layers ran the packed attention "
+            f"{PACKED_ATTENTION!r} (is it loaded with it? does it mix tokens outside attention?); train with "
+            "PACKING=0 (no --packing_samples)"
+        )
+    return output
+
+
+def check_packable(config, max_len: int) -> None:
+    """Refuse, before training, models whose token mixing the packed rows cannot keep within a row."""
+    other = sorted({t for t in getattr(config, "layer_types", None) or ()
+                    if t not in ("full_attention", "sliding_attention")})
+    if other:
+        raise UserError(f"packed rows: the model has {', '.join(other)} layers, which would mix tokens across "
+                        "rows; train with PACKING=0 (no --packing_samples)")
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk is not None and chunk < max_len:
+        raise UserError(f"packed rows: the model attends in chunks of {chunk} tokens, fewer than --max_len "
+                        f"{max_len}; train with PACKING=0 (no --packing_samples)")
 
 
 def _varlen_kernel():
@@ -98,7 +131,9 @@ def _varlen_attention(query, key, value, cu_seq_lens, max_length, scaling):
     extra = _causal_flags()
     if "enable_gqa" in _VARLEN_PARAMS:
         extra["enable_gqa"] = True
-    return _VARLEN(query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling, **extra)
+    if "scale" in _VARLEN_PARAMS:
+        extra["scale"] = scaling
+    return _VARLEN(query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length, **extra)
 
 
 def _per_row_attention(query, key, value, cu_seq_lens, scaling):
@@ -120,8 +155,11 @@ def varlen_kernel_available() -> bool:
     return _VARLEN is not None
 
 
-def use_varlen_kernel(query: torch.Tensor) -> bool:
-    return _VARLEN is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+def use_varlen_kernel(query: torch.Tensor, scaling=None) -> bool:
+    """CUDA, half precision, and a kernel that can apply this softmax scale (torch 2.9 has no ``scale``)."""
+    default_scale = scaling is None or abs(scaling - query.shape[-1] ** -0.5) < 1e-9
+    return (_VARLEN is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+            and ("scale" in _VARLEN_PARAMS or default_scale))
 
 
 def _check_plain_causal(kwargs: dict) -> None:
@@ -146,10 +184,12 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
             "kd.losses.response_logits(..., packed=True)"
         )
     if dropout:
-        raise UserError(f"attention {PACKED_ATTENTION!r} has no dropout (got {dropout})")
+        raise UserError(f"attention {PACKED_ATTENTION!r} has no dropout (got {dropout}); train with PACKING=0 "
+                        "(no --packing_samples)")
     _check_plain_causal(kwargs)
+    _CallCounter.calls += 1
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
-    if use_varlen_kernel(q):
+    if use_varlen_kernel(q, scaling):
         out = _varlen_attention(q, k, v, cu_seq_lens, kwargs["max_length_q"], scaling)
     else:
         out = _per_row_attention(q, k, v, cu_seq_lens, scaling)

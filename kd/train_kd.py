@@ -272,6 +272,11 @@ def train(args) -> None:
             f"teacher vocabulary ({teacher.model.config.vocab_size}) differs from the student's "
             f"({model.model.config.vocab_size}); the teacher must share the student's tokenizer"
         )
+    if args.packing_samples:
+        from kd.packed_attention import check_packable
+
+        for actor in (model, teacher):
+            check_packable(actor.model.config, args.max_len)
     # The collate pads by itself; "left" is what the saved tokenizer should offer for generation.
     tokenizer = get_tokenizer(args.pretrain, model.model, "left", strategy, use_fast=not args.disable_fast_tokenizer)
     strategy.print(f"timing: data {data_time}, student and teacher loaded in {lap()}")

@@ -70,11 +70,9 @@ def _model(tiny_model, attn):
     return model
 
 
-@pytest.mark.parametrize("attn", [PACKED_ATTENTION, "sdpa"])
-def test_packed_response_logits_and_gradients_match_padded(tiny_model, attn):
-    # "sdpa" checks the fallback: transformers sees restarting positions and masks across rows itself
+def test_packed_response_logits_and_gradients_match_padded(tiny_model):
     register_packed_attention()
-    padded_model, packed_model = _model(tiny_model, "sdpa"), _model(tiny_model, attn)
+    padded_model, packed_model = _model(tiny_model, "sdpa"), _model(tiny_model, PACKED_ATTENTION)
     ids, mask = _batch()
     width = max(RESPONSE_LENGTHS)
     want = response_logits(padded_model, ids, mask, width)
@@ -125,3 +123,52 @@ def test_packed_attention_refuses_what_it_does_not_compute(extra, message):
     assert out.shape == (1, 10, 4, 8)  # a window as long as the longest row changes nothing
     with pytest.raises(UserError, match=message):
         packed_attention_forward(None, q, q[:, :2], q[:, :2], None, **kwargs, **extra)
+
+
+def test_packed_rows_need_every_layer_on_the_packed_kernel(tiny_model):
+    # a model loaded with another attention (or mixing tokens outside attention) must not run
+    # packed rows: its layers would see across rows
+    ids, mask = _batch()
+    with pytest.raises(UserError, match="0 of the model's 2 layers ran the packed attention"):
+        response_logits(_model(tiny_model, "sdpa"), ids, mask, 3, packed=True)
+
+
+def test_packed_rows_count_layers_in_compiled_decoder_layers(tiny_model):
+    # bench_train --compile compiles each layer: the layer count must survive compilation
+    register_packed_attention()
+    model = _model(tiny_model, PACKED_ATTENTION)
+    ids, mask = _batch()
+    with torch.no_grad():
+        eager = response_logits(model, ids, mask, 3, packed=True)
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)
+        compiled = response_logits(model, ids, mask, 3, packed=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"layer_types": ["conv", "full_attention"]}, "conv layers"),
+    ({"attention_chunk_size": 1024}, "chunks of 1024 tokens"),
+])
+def test_check_packable_refuses_models_that_mix_tokens_otherwise(changes, message):
+    from types import SimpleNamespace
+
+    from kd.packed_attention import check_packable
+
+    check_packable(SimpleNamespace(layer_types=["full_attention", "sliding_attention"]), 4096)
+    with pytest.raises(UserError, match=message):
+        check_packable(SimpleNamespace(**changes), 4096)
+
+
+def test_varlen_kernel_is_skipped_when_it_cannot_apply_the_scale(monkeypatch):
+    import kd.packed_attention as packed
+
+    query = torch.zeros(3, 2, 16)
+    monkeypatch.setattr(packed, "_VARLEN", lambda *a, **k: None)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    half = query.to(torch.bfloat16)
+    monkeypatch.setattr(packed, "_VARLEN_PARAMS", frozenset({"is_causal"}))  # torch 2.9: no scale argument
+    assert packed.use_varlen_kernel(half, 16 ** -0.5) and packed.use_varlen_kernel(half, None)
+    assert not packed.use_varlen_kernel(half, 0.3)
+    monkeypatch.setattr(packed, "_VARLEN_PARAMS", frozenset({"window_size", "scale"}))
+    assert packed.use_varlen_kernel(half, 0.3) and not packed.use_varlen_kernel(query, None)  # fp32: per row
