@@ -84,8 +84,8 @@ def parse_args(argv):
     parser.add_argument("--micro_batch_sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--attention", nargs="+", choices=ATTENTION, default=["padded"],
-                        help="padded: SDPA with the padding mask, as the trainer runs without --packing_samples (PACKING=0); packed: the "
-                             "rows without padding (--packing_samples, kd/packed_attention.py)")
+                        help="padded: SDPA with the padding mask, as the trainer runs without --packing_samples "
+                             "(PACKING=0); packed: the rows without padding (--packing_samples, kd/packed_attention.py)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median reported)")
     parser.add_argument("--gradient_checkpointing", action="store_true")
