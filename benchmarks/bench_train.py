@@ -295,31 +295,23 @@ def _teacher_rows(batch: dict, dedup: bool) -> tuple:
     return batch["teacher_input_ids"][index], batch["teacher_attention_mask"][index]
 
 
-def ours_logits(student, teacher, batch, width, packed):
-    import torch
+def _forward_and_selector(model, ids, mask, width, packed):
+    """``model`` (a causal LM or its decoder) on the rows, padded or packed, and a function that picks
+    the response-predicting ``width + 1`` positions of every row from a per-position output."""
+    from kd.packed_attention import pack_rows, packed_forward, response_positions
 
-    from kd.losses import response_logits
-
-    student_logits = response_logits(student, batch["student_input_ids"], batch["student_attention_mask"], width,
-                                     packed)
-    with torch.no_grad():
-        teacher_logits = response_logits(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"], width,
-                                          packed)
-        if teacher_logits.shape[0] != student_logits.shape[0]:
-            teacher_logits = teacher_logits[batch["teacher_index"]]
-    return student_logits, teacher_logits
+    if not packed:
+        output = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
+        return output, lambda x: x[:, -(width + 1):]
+    pack = pack_rows(ids, mask)
+    positions = response_positions(pack, width)
+    return packed_forward(model, pack), lambda x: x[0][positions].view(ids.shape[0], width + 1, -1)
 
 
 def full_logits(model, ids, mask, width, packed):
     """fp32 logits at every position, then the response-predicting ones (``[batch, width, vocab]``)."""
-    from kd.packed_attention import pack_rows, packed_forward, response_positions
-
-    if not packed:
-        return model(ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False).logits.float()[
-            :, -(width + 1):-1]
-    pack = pack_rows(ids, mask)
-    full = packed_forward(model, pack).logits.float()[0]
-    return full[response_positions(pack, width)].view(ids.shape[0], width + 1, -1)[:, :-1]
+    output, select = _forward_and_selector(model, ids, mask, width, packed)
+    return select(output.logits.float())[:, :-1]
 
 
 def naive_logits(student, teacher, batch, width, packed):
@@ -329,6 +321,12 @@ def naive_logits(student, teacher, batch, width, packed):
     with torch.no_grad():
         teacher_logits = full_logits(teacher, *_teacher_rows(batch, dedup=False), width, packed)
     return student_logits, teacher_logits
+
+
+def ours_logits(student, teacher, batch, width, packed):
+    from kd.losses import student_teacher_logits
+
+    return student_teacher_logits(student, teacher, batch, width, packed)
 
 
 LOGITS = {"ours": ours_logits, "naive": naive_logits}
@@ -418,21 +416,12 @@ def memory_meter(device):
 
 
 def _hidden_and_selector(model, ids, mask, width, packed):
-    """The decoder's last hidden states (no grad) and a function that picks the response-predicting
-    ``width + 1`` positions of every row from any per-position tensor of that layout."""
+    """The decoder's last hidden states (no grad) and the selector of :func:`_forward_and_selector`."""
     import torch
 
-    from kd.packed_attention import pack_rows, packed_forward, response_positions
-
     with torch.no_grad():
-        if not packed:
-            hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
-                                         use_cache=False).last_hidden_state
-            return hidden, lambda x: x[:, -(width + 1):]
-        pack = pack_rows(ids, mask)
-        hidden = packed_forward(model.get_decoder(), pack).last_hidden_state
-    positions = response_positions(pack, width)
-    return hidden, lambda x: x[0][positions].view(ids.shape[0], width + 1, -1)
+        output, select = _forward_and_selector(model.get_decoder(), ids, mask, width, packed)
+    return output.last_hidden_state, select
 
 
 def loss_memory(variant, packed, student, teacher, batch, objective, device) -> int:
@@ -440,6 +429,8 @@ def loss_memory(variant, packed, student, teacher, batch, objective, device) -> 
     before it: the backbones run first (no grad), then the LM heads, the loss and its backward
     down to the last hidden states are measured. ``ours`` applies the head to the last
     ``width + 1`` positions as ``response_logits`` does; ``naive`` to every position, in fp32."""
+    import torch
+
     width = batch["labels"].shape[1]
     dedup = variant == "ours"
     t_hidden, t_select = _hidden_and_selector(teacher, *_teacher_rows(batch, dedup), width, packed)
@@ -447,8 +438,6 @@ def loss_memory(variant, packed, student, teacher, batch, objective, device) -> 
                                               width, packed)
     hidden = s_hidden.detach().requires_grad_()
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    import torch
-
     with memory_meter(device) as meter:
         if dedup:
             student_logits = s_head(s_select(hidden))[:, :-1]

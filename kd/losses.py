@@ -28,9 +28,9 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     the full ``[batch, seq, vocab]`` tensor. Position ids follow the attention mask.
 
     ``packed=True`` runs the rows' real tokens as one sequence without padding
-    (``kd.packed_attention``; the model should use its attention implementation, else
-    transformers builds a block-diagonal mask): the same logits, the LM head at the same
-    ``width + 1`` last positions of each row.
+    (``kd.packed_attention``; the model must be loaded with its attention implementation,
+    else ``packed_forward`` raises): the same logits, the LM head at the same ``width + 1``
+    last positions of each row.
     """
     if packed:
         return _packed_response_logits(model, input_ids, attention_mask, width)
@@ -51,6 +51,20 @@ def _packed_response_logits(model, input_ids, attention_mask, width):
     pack = pack_rows(input_ids, attention_mask)
     output = packed_forward(model, pack, logits_to_keep=response_positions(pack, width))
     return output.logits.view(input_ids.shape[0], width + 1, -1)[:, :-1]
+
+
+def student_teacher_logits(student, teacher, batch: dict, width: int, packed: bool = False) -> tuple:
+    """Response logits of the student (with grad) and of the frozen teacher (no grad) for a
+    ``PairDataset.collate_fn`` micro-batch: the teacher runs once per distinct input, and
+    ``teacher_index`` maps its rows back to the student's."""
+    student_logits = response_logits(student, batch["student_input_ids"], batch["student_attention_mask"], width,
+                                     packed)
+    with torch.no_grad():
+        teacher_logits = response_logits(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"], width,
+                                         packed)
+        if teacher_logits.shape[0] != student_logits.shape[0]:
+            teacher_logits = teacher_logits[batch["teacher_index"]]
+    return student_logits, teacher_logits
 
 
 def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -160,12 +160,10 @@ def attention_implementation(want_flash: bool, strategy, packing: bool = False) 
     from transformers.utils import is_flash_attn_2_available
 
     from kd.flash_attn_fallback import flash_attn_installed
-    from kd.packed_attention import register_packed_attention
+    from kd.packed_attention import register_packed_attention, varlen_kernel_available
 
     if packing:
         import torch
-
-        from kd.packed_attention import varlen_kernel_available
 
         if torch.cuda.is_available() and not varlen_kernel_available():
             strategy.print(f"warning: torch {torch.__version__} has no variable-length flash attention (torch >= 2.9): "

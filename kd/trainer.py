@@ -7,7 +7,7 @@ from pos2distill.errors import UserError
 
 from . import flash_attn_fallback
 from .example_sampler import ExampleGroupedSampler
-from .losses import LOSS_NAMES, DistillationLoss, response_logits
+from .losses import LOSS_NAMES, DistillationLoss, student_teacher_logits
 
 flash_attn_fallback.import_openrlhf()
 
@@ -68,17 +68,9 @@ class Pos2DistillTrainer(KDTrainer):
 
     def compute_losses(self, batch: dict) -> dict:
         """Loss components of one micro-batch (already on the device)."""
-        width = batch["labels"].shape[1]
-        student_logits = response_logits(
-            self.model.model, batch["student_input_ids"], batch["student_attention_mask"], width, self.packed
+        student_logits, teacher_logits = student_teacher_logits(
+            self.model.model, self.teacher_model.model, batch, batch["labels"].shape[1], self.packed
         )
-        with torch.no_grad():
-            teacher_logits = response_logits(
-                self.teacher_model.model, batch["teacher_input_ids"], batch["teacher_attention_mask"], width,
-                self.packed,
-            )
-            if teacher_logits.shape[0] != student_logits.shape[0]:
-                teacher_logits = teacher_logits[batch["teacher_index"]]
         return self.objective(
             student_logits, teacher_logits, batch["labels"], batch["response_mask"], batch["gold_idx"],
             batch["is_anchor"],
