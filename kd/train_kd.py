@@ -258,6 +258,13 @@ def train(args) -> None:
     strategy.setup_distributed()
     strategy.print("config: " + json.dumps(vars(args), indent=2, sort_keys=True, default=str))
 
+    if args.packing_samples:  # from the configs alone, before two models are loaded for nothing
+        from transformers import AutoConfig
+
+        from kd.packed_attention import check_packable
+
+        for path in dict.fromkeys((args.pretrain, args.teacher_model)):
+            check_packable(AutoConfig.from_pretrained(path, trust_remote_code=True), args.max_len)
     attn = attention_implementation(args.flash_attn, strategy, args.packing_samples)
     model = strategy.load_actor(args.pretrain, strategy.get_ds_train_config(is_actor=True), args.lora_rank, attn)
     teacher_config = strategy.get_ds_eval_config(offload=args.teacher_offload)
@@ -270,11 +277,6 @@ def train(args) -> None:
             f"teacher vocabulary ({teacher.model.config.vocab_size}) differs from the student's "
             f"({model.model.config.vocab_size}); the teacher must share the student's tokenizer"
         )
-    if args.packing_samples:
-        from kd.packed_attention import check_packable
-
-        for actor in (model, teacher):
-            check_packable(actor.model.config, args.max_len)
     # The collate pads by itself; "left" is what the saved tokenizer should offer for generation.
     tokenizer = get_tokenizer(args.pretrain, model.model, "left", strategy, use_fast=not args.disable_fast_tokenizer)
     strategy.print(f"timing: data {data_time}, student and teacher loaded in {lap()}")

@@ -236,6 +236,25 @@ def test_training_model_missing(files, tmp_path):
     assert_one_line_error(proc, "nope: model path does not exist", save)
 
 
+def test_training_refuses_packing_for_a_model_with_convolution_layers(files, tmp_path, tiny_model):
+    import json
+    import shutil
+
+    from test_train_kd_e2e import make_pair_dataset
+
+    make_pair_dataset(tmp_path / "data" / "nqtiny", n_examples=1, copies=1)
+    model = tmp_path / "conv-model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config["layer_types"] = ["conv", "full_attention"]  # as LFM2's short convolutions
+    (model / "config.json").write_text(json.dumps(config))
+    save = str(tmp_path / "save")
+    proc = run(STAGE3, ["--dataset", "nqtiny", "--data_root", tmp_path / "data", "--pretrain", model,
+                        "--train_batch_size", "2", "--micro_train_batch_size", "1", "--packing_samples",
+                        "--save_path", save])
+    assert_one_line_error(proc, "packed rows: the model has conv layers, which would mix tokens across rows", save)
+
+
 def test_debug_shows_the_traceback(files, tmp_path):
     proc = run(STAGE1, s1(files, str(tmp_path / "out"), "badjson", "--debug"))
     assert proc.returncode != 0
