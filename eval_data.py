@@ -12,7 +12,8 @@ import argparse
 import os
 import sys
 
-from pos2distill.cli_args import add_model_flags, check_model_flags, dataset_name_from_path, require_at_least
+from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_name_from_path, precision_config,
+                                  require_at_least)
 from pos2distill.errors import UserError, run_cli
 from pos2distill.formats import load_examples
 from pos2distill.generation import data_parallel_config, make_backend
@@ -68,7 +69,7 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
         "max_new_tokens": args.max_new_tokens, "stop_at_newline": not args.no_stop_at_newline,
         "backend": backend_name, "batch_size": args.batch_size,
         "positions_per_call": args.positions_per_call, "compact_finished": compact,
-        **data_parallel_config(backend_name, args.num_gpus),
+        **data_parallel_config(backend_name, args.num_gpus), **precision_config(args),
     }
     output = ChunkedOutput(predictions_path, config)
     stats = {"generated": 0, "seconds": 0.0}
@@ -78,7 +79,7 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
         with make_backend(args.backend, model_path, num_gpus=args.num_gpus,
                           tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size,
                           max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed,
-                          need_chat_template=True, compact_finished=compact) as backend:
+                          need_chat_template=True, dtype=args.dtype, tf32=args.tf32, compact_finished=compact) as backend:
             print(f"== {label}: {len(examples)} examples x {len(positions)} positions, backend {backend.name}")
             _, stats = evaluate_positions(
                 backend, examples, example_ids, positions, seed=args.seed, max_new_tokens=args.max_new_tokens,

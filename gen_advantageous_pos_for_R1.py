@@ -17,7 +17,8 @@ import os
 import sys
 import time
 
-from pos2distill.cli_args import add_model_flags, check_model_flags, dataset_name_from_path, require_at_least
+from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_name_from_path, precision_config,
+                                  require_at_least)
 from pos2distill.errors import UserError, run_cli
 from pos2distill.formats import example_to_raw, load_examples
 from pos2distill.generation import data_parallel_config, make_backend
@@ -126,7 +127,7 @@ def main(argv):
             backend = make_backend(args.backend, model_path, num_gpus=args.num_gpus,
                                    tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size,
                                    max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed,
-                                   need_chat_template=True)
+                                   need_chat_template=True, dtype=args.dtype, tf32=args.tf32)
         return backend
 
     try:
@@ -141,7 +142,7 @@ def main(argv):
             "gold_doc": position, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
             "max_new_tokens": args.max_new_tokens, "instruction": instruction, "limit": args.limit,
             "chunk_size": args.chunk_size, "full_answers": args.full_answers, "backend": backend_name,
-            "batch_size": args.batch_size, **data_parallel_config(backend_name, args.num_gpus),
+            "batch_size": args.batch_size, **data_parallel_config(backend_name, args.num_gpus), **precision_config(args),
         }
         output = ChunkedOutput(path, config)
         reused = output.complete

@@ -8,7 +8,11 @@ document at each of ``--positions``), greedily, with the same model object:
   ``ours_compact``: the same with ``compact_finished=True`` (finished rows leave the batch).
 - ``baseline``: ``model.generate`` on the prompts in input order, batches of
   ``--baseline_batch_size`` (64), left padding, no sorting, no newline stop,
-  ``--max_new_tokens`` (100) tokens at most.
+  ``--max_new_tokens`` (100) tokens at most. More sizes (``--baseline_batch_size 64 32``) run the
+  baseline again at each and compare its scores with the first's: how many scores the batch
+  shape alone changes at this precision.
+
+``--dtype float32 --tf32`` runs both in float32 with TF32 tensor-core matrix multiplies.
 
 Reports prompts/s of each (tokenization included in both, one call per position as stage 4
 makes), the speed-up, and whether the scores (best-subspan EM on the first line) agree per
@@ -47,7 +51,8 @@ def parse_args(argv):
     parser.add_argument("--positions", default="0,9,19", help="all | comma list such as 0,9,last")
     parser.add_argument("--batch_size", type=int, nargs="+", default=[128],
                         help="HF-backend batch size(s) to measure (stage 4 ran at 128)")
-    parser.add_argument("--baseline_batch_size", type=int, default=64)
+    parser.add_argument("--baseline_batch_size", type=int, nargs="+", default=[64],
+                        help="the baseline's batch size; more sizes run it again, compared with the first")
     parser.add_argument("--compact", choices=("off", "on", "both"), default="both",
                         help="measure the HF backend without / with compact_finished, or both")
     parser.add_argument("--positions_per_call", type=int, default=1,
@@ -60,6 +65,8 @@ def parse_args(argv):
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                         help="weights and compute for both methods (auto: bf16 on GPUs, fp32 on CPU); "
                              "float32 shows whether score differences come from bf16 rounding")
+    parser.add_argument("--tf32", action="store_true",
+                        help="with --dtype float32: TF32 tensor cores for the matrix multiplies (both methods)")
     parser.add_argument("--warmup_prompts", type=int, default=8,
                         help="prompts each method answers untimed first (kernel set-up, the newline table)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -68,10 +75,12 @@ def parse_args(argv):
     parser.add_argument("--debug", action="store_true", help="full tracebacks")
     args = parser.parse_args(argv)
     require_at_least(args, {"--total_doc": 1, "--positions_per_call": 1, "--sample_num": 1,
-                            "--baseline_batch_size": 1, "--max_new_tokens": 1, "--max_prompt_length": 1,
-                            "--warmup_prompts": 0})
-    if min(args.batch_size) < 1:
-        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+                            "--max_new_tokens": 1, "--max_prompt_length": 1, "--warmup_prompts": 0})
+    for flag in ("batch_size", "baseline_batch_size"):
+        if min(getattr(args, flag)) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if len(set(args.baseline_batch_size)) != len(args.baseline_batch_size):
+        raise UserError(f"--baseline_batch_size: sizes must differ, got {args.baseline_batch_size}")
     return args
 
 
@@ -150,7 +159,7 @@ def main(argv):
     num_gpus = 0 if args.device == "cpu" else None
     backend = make_backend("hf", args.model, num_gpus=num_gpus, batch_size=args.batch_size[0],
                            max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed,
-                           dtype=args.dtype, need_chat_template=True)
+                           dtype=args.dtype, tf32=args.tf32, need_chat_template=True)
     device = backend.device
     model_path = backend.model.name_or_path
     try:
@@ -162,7 +171,8 @@ def main(argv):
             position_lengths.append(backend.count_tokens([it.prompt for it in items]))
         lengths = [n for group in position_lengths for n in group]
         all_items = [it for items in per_position for it in items]
-        print(f"model {model_path} on {device} ({str(backend.model.dtype).replace('torch.', '')}); "
+        precision = str(backend.model.dtype).replace("torch.", "") + (" with TF32 matmuls" if args.tf32 else "")
+        print(f"model {model_path} on {device} ({precision}); "
               f"{len(examples)} examples x {len(positions)} positions = {len(all_items)} prompts of "
               f"{min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f})")
 
@@ -170,15 +180,15 @@ def main(argv):
             return backend.generate([it.prompt for it in items], max_new_tokens=args.max_new_tokens,
                                     temperature=0.0, seed=args.seed, stop_at_newline=True, desc="ours")
 
-        def run_baseline(items):
+        def run_baseline(items, batch_size):
             return plain_generate(backend.model, backend.tokenizer, [it.prompt for it in items],
-                                  batch_size=args.baseline_batch_size, max_new_tokens=args.max_new_tokens,
+                                  batch_size=batch_size, max_new_tokens=args.max_new_tokens,
                                   eos_ids=backend.eos_ids, pad_id=backend.pad_id, device=device)
 
         if args.warmup_prompts:
             warm = all_items[: args.warmup_prompts]
             run_ours(warm)
-            run_baseline(warm)
+            run_baseline(warm, args.baseline_batch_size[0])
 
         group = args.positions_per_call
         calls = [[it for items in per_position[i : i + group] for it in items]
@@ -213,20 +223,23 @@ def main(argv):
                 runs[name] = {"method": "ours", "batch_size": batch_size, "compact_finished": compact,
                               "positions_per_call": group,
                               "predictions": predictions, "seconds": seconds, **totals}
-        predictions, seconds, new_tokens, padded, row_steps = [], 0.0, 0, 0, 0
-        for items in per_position:
-            sync(device)
-            began = time.perf_counter()
-            texts, count, pad, steps = run_baseline(items)
-            sync(device)
-            seconds += time.perf_counter() - began
-            predictions.extend(texts)
-            new_tokens += count
-            padded += pad
-            row_steps += steps
-        runs["baseline"] = {"method": "baseline", "batch_size": args.baseline_batch_size, "predictions": predictions,
-                            "seconds": seconds, "new_tokens": new_tokens, "padded_prompt_tokens": padded,
-                            "row_steps": row_steps}
+        for batch_size in args.baseline_batch_size:
+            predictions, seconds, new_tokens, padded, row_steps = [], 0.0, 0, 0, 0
+            for items in per_position:
+                sync(device)
+                began = time.perf_counter()
+                texts, count, pad, steps = run_baseline(items, batch_size)
+                sync(device)
+                seconds += time.perf_counter() - began
+                predictions.extend(texts)
+                new_tokens += count
+                padded += pad
+                row_steps += steps
+            name = "baseline" if batch_size == args.baseline_batch_size[0] else f"baseline_bs{batch_size}"
+            print(f"{name}: {len(predictions) / seconds:.2f} prompts/s")
+            runs[name] = {"method": "baseline", "batch_size": batch_size, "predictions": predictions,
+                          "seconds": seconds, "new_tokens": new_tokens, "padded_prompt_tokens": padded,
+                          "row_steps": row_steps}
     finally:
         backend.close()
 
@@ -267,6 +280,7 @@ def main(argv):
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__,
+            "precision": precision,
             "model": model_path,
             "prompts": len(all_items),
             "prompt_tokens": {"min": min(lengths), "max": max(lengths), "mean": real / len(lengths)},

@@ -21,6 +21,11 @@ def add_model_flags(parser: argparse.ArgumentParser, several_models: bool = Fals
                         help="vLLM: GPUs per replica for a model too large for one GPU (default 1; "
                              "--num_gpus / this many replicas)")
     parser.add_argument("--batch_size", type=int, default=16, help="prompts per batch (HF backend)")
+    parser.add_argument("--dtype", default="auto",
+                        help="weights and activations: auto (bf16 on GPUs, fp32 on the CPU) | bfloat16 | float16 | float32")
+    parser.add_argument("--tf32", action="store_true",
+                        help="HF backend, --dtype float32: TF32 tensor cores for the float32 matrix multiplies "
+                             "on CUDA (fp32 activations, faster; docs/performance.md)")
     parser.add_argument("--max-prompt-length", dest="max_prompt_length", type=int, default=32768,
                         help="longest prompt in tokens; longer prompts are an error, never truncated")
     parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=100)
@@ -51,6 +56,21 @@ def check_model_flags(args: argparse.Namespace) -> tuple[str, str]:
     from .generation import resolve_backend_name
     from .prompting import resolve_instruction
 
+    from .generation import check_precision
+
     require_at_least(args, {"--max-new-tokens": 1, "--max-prompt-length": 1, "--batch_size": 1, "--num_gpus": 0,
                             "--tensor_parallel_size": 1})
-    return resolve_backend_name(args.backend), resolve_instruction(args.instruction)
+    backend = resolve_backend_name(args.backend)
+    check_precision(backend, args.dtype, args.tf32)
+    return backend, resolve_instruction(args.instruction)
+
+
+def precision_config(args: argparse.Namespace) -> dict:
+    """The precision flags for a stage's output config: only those away from their defaults, so
+    outputs written before the flags existed still match (and resume)."""
+    config = {}
+    if args.dtype != "auto":
+        config["dtype"] = args.dtype
+    if args.tf32:
+        config["tf32"] = True
+    return config

@@ -101,6 +101,17 @@ def _normalize_dtype(dtype: str) -> str:
     return _DTYPES[key]
 
 
+def check_precision(backend_name: str, dtype: str, tf32: bool) -> str:
+    """The dtype normalised; ``tf32`` only for the hf backend with float32 weights (bf16 and fp16
+    matrix multiplies already run on tensor cores; vLLM sets its own kernels)."""
+    dtype = _normalize_dtype(dtype)
+    if tf32 and backend_name != "hf":
+        raise UserError("--tf32 is for the hf backend (--backend hf)")
+    if tf32 and dtype != "float32":
+        raise UserError(f"--tf32 changes float32 matrix multiplies only; pass --dtype float32 (got {dtype})")
+    return dtype
+
+
 def make_backend(
     name: str,
     model: str,
@@ -113,6 +124,7 @@ def make_backend(
     tensor_parallel_size: int | None = None,
     need_chat_template: bool = False,
     compact_finished: bool = False,
+    tf32: bool = False,
 ) -> "GenerationBackend":
     """Build a backend for ``model`` (anything ``resolve_model`` accepts).
 
@@ -138,10 +150,11 @@ def make_backend(
     backend has nothing to seed at load); sampling is seeded per call by
     ``generate(seed=...)``. ``need_chat_template``: a tokenizer without one is an
     error before any weights are loaded. ``compact_finished``: hf only, see ``HFBackend``
-    (vLLM schedules rows itself).
+    (vLLM schedules rows itself). ``tf32``: hf only, with ``dtype="float32"``: float32 matrix
+    multiplies on CUDA run on TF32 tensor cores.
     """
     name = resolve_backend_name(name)
-    dtype = _normalize_dtype(dtype)
+    dtype = check_precision(name, dtype, tf32)
     if batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {batch_size}")
     if max_model_len is not None and max_model_len < 1:
@@ -152,11 +165,11 @@ def make_backend(
             raise UserError("the hf backend has no tensor parallelism; use --backend vllm to shard a model over GPUs")
         if (num_gpus or 0) > 1:  # data parallel: one model per GPU
             return HFDataParallelBackend(path, devices=_take_gpus(num_gpus, _visible_gpus()), batch_size=batch_size,
-                                         max_model_len=max_model_len, dtype=dtype,
+                                         max_model_len=max_model_len, dtype=dtype, tf32=tf32,
                                          need_chat_template=need_chat_template, compact_finished=compact_finished)
         device = "cpu" if num_gpus == 0 else None
         return HFBackend(path, batch_size=batch_size, max_model_len=max_model_len, dtype=dtype, device=device,
-                         need_chat_template=need_chat_template, compact_finished=compact_finished)
+                         need_chat_template=need_chat_template, compact_finished=compact_finished, tf32=tf32)
     return VLLMBackend(
         path,
         num_gpus=num_gpus,
@@ -445,7 +458,7 @@ class HFBackend(GenerationBackend):
 
     def __init__(self, path: str, *, batch_size: int = 16, max_model_len: int | None = None,
                  dtype: str = "auto", device: str | None = None, need_chat_template: bool = False,
-                 compact_finished: bool = False, show_progress: bool = True):
+                 compact_finished: bool = False, show_progress: bool = True, tf32: bool = False):
         super().__init__()
         import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
@@ -459,6 +472,11 @@ class HFBackend(GenerationBackend):
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
             torch_dtype = getattr(torch, dtype)
+        if tf32:
+            if torch_dtype != torch.float32:
+                raise UserError(f"--tf32 changes float32 matrix multiplies only; the model would run in {torch_dtype}")
+            # process-wide, as the setting is: this process generates with this one model
+            torch.backends.cuda.matmul.allow_tf32 = True
         self.tokenizer = _load_tokenizer(path, need_chat_template)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -687,11 +705,12 @@ class HFDataParallelBackend(GenerationBackend):
     name = "hf"
 
     def __init__(self, path: str, *, devices: list[str], batch_size: int = 16, max_model_len: int | None = None,
-                 dtype: str = "auto", need_chat_template: bool = False, compact_finished: bool = False):
+                 dtype: str = "auto", need_chat_template: bool = False, compact_finished: bool = False,
+                 tf32: bool = False):
         super().__init__()
         self.tokenizer = _load_tokenizer(path, need_chat_template)
         self.max_model_len = max_model_len
-        common = {"batch_size": batch_size, "max_model_len": max_model_len, "dtype": dtype,
+        common = {"batch_size": batch_size, "max_model_len": max_model_len, "dtype": dtype, "tf32": tf32,
                   "need_chat_template": need_chat_template, "compact_finished": compact_finished}
         # one progress bar (worker 0's) stands for all: the shares are equal
         build_args = [(path, dict(common, show_progress=rank == 0)) for rank in range(len(devices))]

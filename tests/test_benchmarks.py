@@ -106,6 +106,10 @@ def test_bench_train_real_data_dedups_teacher(tmp_path, tiny_model):
     assert "profile" not in rows["naive"] and profiled["profiled_wall_s"] > 0
     ops = profiled["top_self_cpu_ms"]
     assert ops and all(op["calls"] >= 1 and op["ms"] >= 0 for op in ops) and "top_self_device_ms" not in profiled
+    # the profiler's matmul count covers at least the dense part of the model FLOPs (the tiny
+    # model's LM head and the padding add more); no device kinds without a GPU
+    assert profiled["matmul_flops"] >= 0.9 * rows["ours"]["flops_per_step"] > 0
+    assert "device_ms_by_kind" not in profiled
     assert report["student_prompt_tokens"]["min"] > 50  # chat-templated prompts with 4 documents
 
 
@@ -114,10 +118,16 @@ def test_bench_eval(tmp_path, tiny_model):
     out = tmp_path / "eval.json"
     stdout = _run("bench_eval.py", "--data", data, "--model", tiny_model, "--device", "cpu", "--threads", "1",
                   "--total_doc", TOTAL, "--sample_num", 5, "--positions", "0,last", "--batch_size", 4,
-                  "--baseline_batch_size", 3, "--max_new_tokens", 8, "--warmup_prompts", 1, "--output", out)
+                  "--baseline_batch_size", 3, 2, "--max_new_tokens", 8, "--warmup_prompts", 1,
+                  "--dtype", "float32", "--tf32", "--output", out)
     report = json.loads(out.read_text())
     runs = report["runs"]
-    assert set(runs) == {"ours_bs4", "ours_bs4_compact", "baseline"} and report["prompts"] == 10
+    assert set(runs) == {"ours_bs4", "ours_bs4_compact", "baseline", "baseline_bs2"} and report["prompts"] == 10
+    assert report["precision"] == "float32 with TF32 matmuls" and "(float32 with TF32 matmuls)" in stdout
+    # the second baseline size is compared with the first: the batch shape's own score changes
+    again = runs["baseline_bs2"]
+    assert again["batch_size"] == 2 and runs["baseline"]["batch_size"] == 3
+    assert 0 <= again["score_mismatches"] <= 10 and again["speedup_vs_baseline"] > 0
     for run in runs.values():
         assert run["prompts"] == 10 and run["prompts_per_s"] > 0 and run["seconds"] > 0
         assert 0 < run["useful_decode_fraction"] <= 1 and 0 <= run["padding_fraction"] < 1
@@ -236,3 +246,27 @@ def test_summarize_generalization_table(tmp_path):
     (tmp_path / "p2d_nq_summary_5docs.json").write_text(json.dumps([_summary("p2d", [1.0] * 4)]))
     with pytest.raises(UserError, match="different positions"):
         summarize.main(["--out_dir", str(tmp_path), "--checkpoint", "p2d", "--dataset", "nq", "5"])
+
+
+def test_profile_sorts_kernels_by_kind():
+    from types import SimpleNamespace
+
+    from benchmarks.profiling import device_time_by_kind, kernel_kind
+
+    names = {  # kernel names as an H200 profile printed them
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1x1x1_kernel0_0":
+            "attention",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64>>": "attention",
+        "nvjet_sm90_tst_128x192_64x5_1x2_h_bz_coopB_NNN": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "triton_tem_fused_mm_0": "matmul",
+        # compiled pointwise kernels name the operators they fused, attention among them
+        "triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add_cat_cos_mul": "compiled fused",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>":
+            "optimizer",
+        "void at::native::vectorized_elementwise_kernel<8, at::native::silu_kernel>": "other",
+    }
+    assert {name: kernel_kind(name) for name in names} == names
+    events = [SimpleNamespace(key=name, self_device_time_total=1500) for name in names]
+    assert device_time_by_kind(events) == {"attention": 3.0, "matmul": 4.5, "compiled fused": 1.5,
+                                           "optimizer": 1.5, "other": 1.5}

@@ -163,6 +163,9 @@ CASES = [
      {"HF_HUB_OFFLINE": "1"}),
     ("s1-no-chat-template", STAGE1, lambda f, o: s1(f, o, model=f["nochat"]),
      "nochat-model: the tokenizer has no chat template", None),
+    ("s1-tf32-needs-float32", STAGE1, lambda f, o: s1(f, o) + ["--backend", "hf", "--tf32"],
+     "--tf32 changes float32 matrix multiplies only; pass --dtype float32 (got auto)", None),
+    ("s1-unknown-dtype", STAGE1, lambda f, o: s1(f, o) + ["--dtype", "fp8"], "unknown dtype 'fp8'", None),
     ("s1-prompt-too-long", STAGE1, lambda f, o: s1(f, o, "good", "--max-prompt-length", 20),
      "chunk 0: 3 of 3 prompts exceed --max-prompt-length 20", None),
     # stage 2
@@ -179,6 +182,8 @@ CASES = [
     ("s4-fewer-docs", STAGE4, lambda f, o: s4(f, o, "few_docs"), "nq-fewdocs.jsonl:2: has 2 documents", None),
     ("s4-positions-range", STAGE4, lambda f, o: s4(f, o, "good", "--positions", "0,9"),
      f"--positions 9 out of range 0..{TOTAL - 1} for --total_doc {TOTAL}", None),
+    ("s4-tf32-needs-float32", STAGE4, lambda f, o: s4(f, o, "good", "--backend", "hf", "--dtype", "bfloat16", "--tf32"),
+     "--tf32 changes float32 matrix multiplies only; pass --dtype float32 (got bfloat16)", None),
     ("s4-label-count", STAGE4, lambda f, o: s4(f, o, "good", "--label", "a", "b"), "--label gives 2 labels for 1 models", None),
     ("s4-second-model-missing", STAGE4, lambda f, o: s4(f, o, model=[f["model"], str(f["dir"] / "typo")]),
      "typo: model path does not exist", None),

@@ -167,6 +167,26 @@ def test_make_backend_rejects_bad_options(tiny_model, monkeypatch):
         make_backend("hf", tiny_model, batch_size=0)
     with pytest.raises(UserError, match="unknown backend"):
         make_backend("onnx", tiny_model)
+    with pytest.raises(UserError, match="pass --dtype float32"):
+        make_backend("hf", tiny_model, dtype="bfloat16", tf32=True)
+
+
+def test_tf32_turns_on_tensor_cores_for_float32_matmuls(tiny_model):
+    import torch
+
+    from pos2distill.generation import check_precision
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        backend = make_backend("hf", tiny_model, num_gpus=0, dtype="float32", tf32=True)
+        assert backend.model.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        backend.close()
+    finally:  # a process-wide setting: leave it as found
+        torch.backends.cuda.matmul.allow_tf32 = before
+    with pytest.raises(UserError, match="--tf32 is for the hf backend"):
+        check_precision("vllm", "float32", True)
+    assert check_precision("hf", "fp32", True) == "float32"
 
 
 def test_auto_falls_back_to_hf(tiny_model, monkeypatch):
@@ -593,3 +613,13 @@ def test_generate_rejects_a_backend_that_drops_answers():
 
     with pytest.raises(RuntimeError, match="answered 1 of 2 prompts"):
         Dropping().generate(["a", "b"], max_new_tokens=4)
+
+
+def test_precision_flags_enter_the_output_config_only_when_set():
+    from argparse import Namespace
+
+    from pos2distill.cli_args import precision_config
+
+    # defaults add nothing, so outputs written before the flags existed still resume
+    assert precision_config(Namespace(dtype="auto", tf32=False)) == {}
+    assert precision_config(Namespace(dtype="float32", tf32=True)) == {"dtype": "float32", "tf32": True}
