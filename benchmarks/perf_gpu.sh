@@ -8,7 +8,9 @@
 # --group_by_example gives: 5), ATTENTION ("padded", "packed" or "padded packed": rows without
 # padding, as --packing_samples), EVAL_NUM (500), POSITIONS (0,9,19), BATCHES ("64 128"), COMPACT
 # (both|on|off), PPC (positions per call, 1), DTYPE (auto|bfloat16|float32: fp32 tells bf16
-# rounding apart from real score differences), PEAK_TFLOPS.
+# rounding apart from real score differences), TF32 (1: with DTYPE=float32, TF32 tensor-core
+# matmuls), BASELINES (the baseline's batch sizes, "64"; more run it again and count the scores the
+# batch shape alone changes), PEAK_TFLOPS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${MODEL:?set MODEL}" "${DATA:?set DATA}"
@@ -53,10 +55,13 @@ fi
 if [ "$WHAT" = eval ] || [ "$WHAT" = all ]; then
     eval_tag=bench_eval
     if [ "${DTYPE:-auto}" != auto ]; then eval_tag=bench_eval_$DTYPE; fi  # a second run keeps the first's files
-    # shellcheck disable=SC2086  # BATCHES is a list of numbers
+    eval_extra=()
+    if [ "${TF32:-0}" = 1 ]; then eval_extra=(--tf32); eval_tag=${eval_tag}_tf32; fi
+    # shellcheck disable=SC2086  # BATCHES and BASELINES are lists of numbers
     TQDM_DISABLE=1 python benchmarks/bench_eval.py --data "$DATA" --model "$MODEL" --total_doc "$TOTAL_DOC" \
         --sample_num "$EVAL_NUM" \
         --positions "$POSITIONS" --batch_size $BATCHES --compact "$COMPACT" --positions_per_call "${PPC:-1}" \
-        --dtype "${DTYPE:-auto}" --output "$OUT_DIR/$eval_tag.json" \
+        --dtype "${DTYPE:-auto}" --baseline_batch_size ${BASELINES:-64} "${eval_extra[@]}" \
+        --output "$OUT_DIR/$eval_tag.json" \
         2>&1 | tee "$OUT_DIR/$eval_tag.log"
 fi
