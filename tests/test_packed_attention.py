@@ -6,6 +6,7 @@ import torch
 from kd.losses import response_logits
 from kd.packed_attention import (
     PACKED_ATTENTION,
+    _CallCounter,
     _per_row_attention,
     pack_rows,
     packed_attention_forward,
@@ -144,6 +145,10 @@ def test_packed_rows_count_layers_in_compiled_decoder_layers(tiny_model):
             layer.compile(dynamic=True)
         compiled = response_logits(model, ids, mask, 3, packed=True)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    # and again with gradients (bench_train's student): each call counts every layer anew
+    for _ in range(2):
+        response_logits(model, ids, mask, 3, packed=True).sum().backward()
+        assert _CallCounter.calls == len(model.model.layers)
 
 
 @pytest.mark.parametrize("changes, message", [
