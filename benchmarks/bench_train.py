@@ -94,6 +94,10 @@ def parse_args(argv):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every decoder layer of both models (dynamic shapes; the warm-up steps "
                              "pay for compilation), to measure what fusing the element-wise work would give")
+    parser.add_argument("--compile_mode", default="default",
+                        choices=("default", "max-autotune-no-cudagraphs"),
+                        help="with --compile: torch.compile's mode; max-autotune-no-cudagraphs also times "
+                             "Triton matmul templates against cuBLAS for each GEMM (a longer warm-up)")
     parser.add_argument("--kd_coef", default="0,0,0,1", help="kd,lm,rank,adaptive weights (kd/losses.py)")
     parser.add_argument("--learning_rate", type=float, default=1e-6)
     parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
@@ -161,7 +165,7 @@ def load_model(path: str, device, dtype, train: bool, gradient_checkpointing: bo
     return model
 
 
-def compile_decoder_layers(model) -> None:
+def compile_decoder_layers(model, mode: str = "default") -> None:
     """Regional compilation: torch.compile each decoder layer in place, not the whole model.
 
     The layers run the same code, so one compiled graph serves all of them (and the teacher's);
@@ -173,7 +177,7 @@ def compile_decoder_layers(model) -> None:
     if not layers:
         raise UserError(f"--compile: {type(model).__name__} has no model.layers (decoder layers) to compile")
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, mode=mode)
 
 
 def set_attention(models, attention: str, longest: int) -> None:
@@ -657,8 +661,8 @@ def main(argv):
         raise UserError("the teacher's vocabulary differs from the student's")
     counts = {"student": non_embedding_params(student), "teacher": non_embedding_params(teacher)}
     if args.compile:
-        compile_decoder_layers(student)
-        compile_decoder_layers(teacher)
+        compile_decoder_layers(student, args.compile_mode)
+        compile_decoder_layers(teacher, args.compile_mode)
     # fused AdamW keeps the optimizer step one kernel launch on GPUs, as DeepSpeed's FusedAdam does
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
     objective = DistillationLoss(args.kd_coef)

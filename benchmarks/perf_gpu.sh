@@ -3,7 +3,8 @@
 #   MODEL=/root/models/Qwen2.5-Coder-0.5B-Instruct.gguf DATA=qa_data/nq-open-20_total_documents.jsonl.gz \
 #   OUT_DIR=$OUT bash benchmarks/perf_gpu.sh [train|eval|all]
 # Knobs: TOTAL_DOC (20), MICRO ("1 2 4 8"), GC (1: gradient checkpointing, as train_nq.sh; 0: off;
-# both: two runs), COMPILE (1: torch.compile every decoder layer of both models), PROFILE (1: one
+# both: two runs), COMPILE (1: torch.compile every decoder layer of both models; COMPILE_MODE:
+# default or max-autotune-no-cudagraphs), PROFILE (1: one
 # extra step of "ours" profiled per micro-batch), COPIES (rows per teacher input, as
 # --group_by_example gives: 5), ATTENTION ("padded", "packed" or "padded packed": rows without
 # padding, as --packing_samples), EVAL_NUM (500), POSITIONS (0,9,19), BATCHES ("64 128"), COMPACT
@@ -25,7 +26,7 @@ COMPACT=${COMPACT:-both}
 WHAT=${1:-all}
 TRAIN_EXTRA=()
 if [ -n "${PEAK_TFLOPS:-}" ]; then TRAIN_EXTRA=(--peak_tflops "$PEAK_TFLOPS"); fi
-if [ "${COMPILE:-0}" = 1 ]; then TRAIN_EXTRA+=(--compile); fi
+if [ "${COMPILE:-0}" = 1 ]; then TRAIN_EXTRA+=(--compile --compile_mode "${COMPILE_MODE:-default}"); fi
 if [ "${PROFILE:-0}" = 1 ]; then TRAIN_EXTRA+=(--profile); fi
 if [ -n "${COPIES:-}" ]; then TRAIN_EXTRA+=(--copies_per_example "$COPIES"); fi
 # shellcheck disable=SC2206  # ATTENTION is a list of words
@@ -39,6 +40,7 @@ train() {  # $1: 1 with gradient checkpointing, 0 without
     local flag=() tag=nogc
     if [ "$1" = 1 ]; then flag=(--gradient_checkpointing); tag=gc; fi
     if [ "${COMPILE:-0}" = 1 ]; then tag=${tag}_compiled; fi
+    if [ "${COMPILE_MODE:-default}" != default ]; then tag=${tag}_autotune; fi
     if [ -n "${COPIES:-}" ]; then tag=${tag}_copies$COPIES; fi
     if [ -n "${ATTENTION:-}" ]; then tag=${tag}_${ATTENTION// /_}; fi
     # shellcheck disable=SC2086  # MICRO is a list of numbers
