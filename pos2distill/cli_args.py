@@ -51,17 +51,16 @@ def require_at_least(args: argparse.Namespace, minimums: dict) -> None:
 def check_model_flags(args: argparse.Namespace) -> tuple[str, str]:
     """Validate the flags of ``add_model_flags`` before any data is read or model loaded.
 
-    Returns the backend that will run (``auto`` resolved) and the instruction text.
+    Returns the backend that will run (``auto`` resolved) and the instruction text; sets
+    ``args.dtype`` to its normalised name.
     """
-    from .generation import resolve_backend_name
+    from .generation import check_precision, resolve_backend_name
     from .prompting import resolve_instruction
-
-    from .generation import check_precision
 
     require_at_least(args, {"--max-new-tokens": 1, "--max-prompt-length": 1, "--batch_size": 1, "--num_gpus": 0,
                             "--tensor_parallel_size": 1})
     backend = resolve_backend_name(args.backend)
-    check_precision(backend, args.dtype, args.tf32)
+    args.dtype = check_precision(backend, args.dtype, args.tf32)  # normalised: bf16 and bfloat16 are one config
     return backend, resolve_instruction(args.instruction)
 
 
