@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.profiling import sync  # noqa: E402
+from benchmarks.profiling import causal_attention_flops, pick_device, sync  # noqa: E402
 from benchmarks.reports import write_report  # noqa: E402
 from pos2distill.cli_args import require_at_least  # noqa: E402
 from pos2distill.errors import UserError, run_cli  # noqa: E402
@@ -45,7 +45,7 @@ def parse_args(argv):
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--debug", action="store_true", help="full tracebacks")
@@ -80,8 +80,8 @@ def attention_fn(method: str):
 
 
 def causal_flops(lengths, heads: int, head_dim: int) -> int:
-    forward = sum(2 * n * n * heads * head_dim for n in lengths)
-    return int(forward * 3.5)  # forward + a backward of 2.5 forwards
+    # forward + a backward of 2.5 forwards (FlashAttention's count: the backward recomputes QK^T)
+    return int(causal_attention_flops(lengths, heads, head_dim) * 3.5)
 
 
 def run_method(fn, tensors, cu, longest, grad, device, warmup: int, steps: int) -> list:
@@ -117,10 +117,7 @@ def main(argv):
     args = parse_args(argv)
     import torch
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible")
+    device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     generator = torch.Generator().manual_seed(args.seed)
     lengths = torch.randint(args.min_len, args.max_len + 1, (args.rows,), generator=generator).tolist()

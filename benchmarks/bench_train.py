@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.profiling import profile_call, sync  # noqa: E402
+from benchmarks.profiling import causal_attention_flops, pick_device, profile_call, sync  # noqa: E402
 from benchmarks.reports import write_report  # noqa: E402
 from kd.train_kd import parse_kd_coef  # noqa: E402
 from pos2distill.cli_args import require_at_least  # noqa: E402
@@ -121,17 +121,6 @@ def parse_args(argv):
 # --------------------------------------------------------------------------- device
 
 
-def pick_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible")
-    return device
-
-
 def peak_tflops(device, override):
     """(peak bf16 TFLOP/s or None, where it came from)."""
     import torch
@@ -195,7 +184,7 @@ def attention_flops_per_pass(model, lengths) -> int:
     """Causal attention matmul FLOPs of one forward over rows of these real lengths (all layers)."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_attention_heads * head_dim * sum(n * n for n in lengths)
+    return config.num_hidden_layers * causal_attention_flops(lengths, config.num_attention_heads, head_dim)
 
 
 def non_embedding_params(model) -> int:

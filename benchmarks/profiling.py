@@ -1,6 +1,6 @@
-"""Timing helpers shared by the benchmarks: waiting for the device, and one call profiled with
-torch.profiler, summarised as the top host operators and device kernels, the device time by kind
-of kernel and the matrix-multiply FLOP rate.
+"""Helpers shared by the benchmarks: picking and waiting for the device, the causal attention
+FLOP count, and one call profiled with torch.profiler, summarised as the top host operators and
+device kernels, the device time by kind of kernel and the matrix-multiply FLOP rate.
 
 Shared by the benchmarks (``python benchmarks/x.py`` puts the repository root on ``sys.path``,
 so this imports as ``benchmarks.profiling``).
@@ -21,6 +21,26 @@ KERNEL_KINDS = (
 )
 # host operators whose FLOPs the profiler counts from their shapes (record_shapes + with_flops)
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def pick_device(name: str):
+    """``--device``: auto (the first CUDA GPU, else the CPU), cpu, cuda or cuda:N."""
+    import torch
+
+    from pos2distill.errors import UserError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible")
+    return device
+
+
+def causal_attention_flops(lengths, heads: int, head_dim: int) -> int:
+    """Matmul FLOPs of one causal attention forward (one layer) over rows of these lengths:
+    QK^T and PV over half of each row's square, 2 * n^2 * heads * head_dim per row."""
+    return 2 * heads * head_dim * sum(n * n for n in lengths)
 
 
 def sync(device) -> None:

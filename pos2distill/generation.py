@@ -472,9 +472,7 @@ class HFBackend(GenerationBackend):
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
             torch_dtype = getattr(torch, dtype)
-        if tf32:
-            if torch_dtype != torch.float32:
-                raise UserError(f"--tf32 changes float32 matrix multiplies only; the model would run in {torch_dtype}")
+        if tf32:  # make_backend's check_precision allows it with float32 weights only
             # process-wide, as the setting is: this process generates with this one model
             torch.backends.cuda.matmul.allow_tf32 = True
         self.tokenizer = _load_tokenizer(path, need_chat_template)
