@@ -39,6 +39,9 @@ from benchmarks.reports import write_report  # noqa: E402
 from kd.train_kd import parse_kd_coef  # noqa: E402
 from pos2distill.cli_args import require_at_least  # noqa: E402
 from pos2distill.errors import UserError, run_cli  # noqa: E402
+from pos2distill.model_shapes import shape_names  # noqa: E402
+from benchmarks.train_engines import (PHASES, DeepSpeedUpdater, HostMemory, PhaseClock, TorchUpdater,  # noqa: E402
+                                      engine_note)
 
 VARIANTS = ("ours", "naive")
 ATTENTION = ("padded", "packed")
@@ -70,6 +73,20 @@ def parse_args(argv):
     parser.add_argument("--model", default="SmolLM2-135M-Instruct",
                         help="student: folder, hub id, .gguf file or SmolLM2-135M-Instruct (embedded)")
     parser.add_argument("--teacher", default=None, help="teacher model (default: a frozen copy of --model)")
+    parser.add_argument("--shape", default=None, choices=shape_names(),
+                        help="instead of --model/--teacher: random weights at this published shape "
+                             "(pos2distill/model_shapes.py), built on the device, teacher = the same weights")
+    parser.add_argument("--tokenizer", default=None,
+                        help="with --shape: tokenizer folder or .gguf (default: the embedded SmolLM2's); cut to the "
+                             "shape's vocabulary when larger (model_shapes.cut_tokenizer)")
+    parser.add_argument("--engine", choices=("torch", "deepspeed"), default="torch",
+                        help="torch (default): plain AdamW on the bf16 weights; deepspeed: the trainer's ZeRO engines "
+                             "(kd.strategy.KDStrategy, one process), fp32 master weights as in training")
+    parser.add_argument("--zero_stage", type=int, default=3, choices=(0, 1, 2, 3), help="with --engine deepspeed (default 3)")
+    parser.add_argument("--adam_offload", action="store_true",
+                        help="with --engine deepspeed: optimizer states on the host (DeepSpeedCPUAdam)")
+    parser.add_argument("--teacher_offload", action="store_true",
+                        help="with --engine deepspeed: the teacher's ZeRO-3 parameters on the host")
     parser.add_argument("--data", default=None,
                         help="an evaluation-format file (any format pos2distill.formats reads); "
                              "without it, synthetic token ids of --prompt_len")
@@ -114,6 +131,12 @@ def parse_args(argv):
         raise UserError(f"--micro_batch_sizes must be at least 1, got {args.micro_batch_sizes}")
     if not 0 <= args.teacher_position < args.total_doc:
         raise UserError(f"--teacher_position {args.teacher_position} outside 0..{args.total_doc - 1}")
+    if args.engine != "deepspeed" and (args.adam_offload or args.teacher_offload):
+        raise UserError("--adam_offload and --teacher_offload need --engine deepspeed")
+    if args.engine == "deepspeed" and args.compile:
+        raise UserError("--compile is measured with --engine torch only")
+    if args.shape and args.teacher:
+        raise UserError("--shape builds the teacher too; drop --teacher")
     args.kd_coef = parse_kd_coef(args.kd_coef)
     return args
 
@@ -143,6 +166,10 @@ def load_model(path: str, device, dtype, train: bool, gradient_checkpointing: bo
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    return set_mode(model, train, gradient_checkpointing)
+
+
+def set_mode(model, train: bool, gradient_checkpointing: bool):
     model.config.use_cache = False
     if train:
         model.train()
@@ -152,6 +179,25 @@ def load_model(path: str, device, dtype, train: bool, gradient_checkpointing: bo
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+def shape_models(args, device, dtype):
+    """--shape: (tokenizer, student, teacher), both models built on ``device`` with the same weights."""
+    import tempfile
+
+    from pos2distill.model_shapes import load_shape_tokenizer, model_for_shape, resolve_tokenizer
+    from pos2distill.models import embedded_tokenizer_dir
+
+    source = resolve_tokenizer(args.tokenizer) if args.tokenizer else embedded_tokenizer_dir()
+    with tempfile.TemporaryDirectory() as work:
+        tokenizer = load_shape_tokenizer(args.shape, source, work)
+
+    def build(train, checkpointing):
+        model = model_for_shape(args.shape, tokenizer, device, dtype, args.seed)
+        model.set_attn_implementation("sdpa")
+        return set_mode(model, train, checkpointing)
+
+    return tokenizer, build(True, args.gradient_checkpointing), build(False, False)
 
 
 def compile_decoder_layers(model, mode: str = "default") -> None:
@@ -307,22 +353,26 @@ def full_logits(model, ids, mask, width, packed):
     return select(output.logits.float())[:, :-1]
 
 
-def naive_logits(student, teacher, batch, width, packed):
+def teacher_logits(variant, teacher, batch, width, packed):
+    """No grad. ours: ``response_logits`` once per distinct teacher input, mapped back to the rows
+    (as ``kd.losses.student_teacher_logits``); naive: full fp32 logits for every row."""
     import torch
 
-    student_logits = full_logits(student, batch["student_input_ids"], batch["student_attention_mask"], width, packed)
+    from kd.losses import response_logits
+
     with torch.no_grad():
-        teacher_logits = full_logits(teacher, *_teacher_rows(batch, dedup=False), width, packed)
-    return student_logits, teacher_logits
+        if variant == "naive":
+            return full_logits(teacher, *_teacher_rows(batch, dedup=False), width, packed)
+        logits = response_logits(teacher, *_teacher_rows(batch, dedup=True), width, packed)
+        rows = batch["student_input_ids"].shape[0]
+        return logits[batch["teacher_index"]] if logits.shape[0] != rows else logits
 
 
-def ours_logits(student, teacher, batch, width, packed):
-    from kd.losses import student_teacher_logits
+def student_logits(variant, student, batch, width, packed):
+    from kd.losses import response_logits
 
-    return student_teacher_logits(student, teacher, batch, width, packed)
-
-
-LOGITS = {"ours": ours_logits, "naive": naive_logits}
+    logits = full_logits if variant == "naive" else response_logits
+    return logits(student, batch["student_input_ids"], batch["student_attention_mask"], width, packed)
 
 
 def _loss(objective, student_logits, teacher_logits, batch):
@@ -330,13 +380,17 @@ def _loss(objective, student_logits, teacher_logits, batch):
                      batch["gold_idx"], batch["is_anchor"])["total"]
 
 
-def train_step(variant, packed, student, teacher, batch, objective, optimizer):
+def train_step(variant, packed, models, batch, objective, clock):
+    """One step in the phases of ``PHASES``, ``clock`` marked between them: teacher forward, student
+    forward + loss + backward, optimizer update (``models``: a train_engines updater)."""
     width = batch["labels"].shape[1]
-    student_logits, teacher_logits = LOGITS[variant](student, teacher, batch, width, packed)
-    loss = _loss(objective, student_logits, teacher_logits, batch)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    clock.mark()
+    teacher = teacher_logits(variant, models.teacher, batch, width, packed)
+    clock.mark()
+    models.backward(_loss(objective, student_logits(variant, models.student, batch, width, packed), teacher, batch))
+    clock.mark()
+    models.step()
+    clock.mark()
 
 
 class CudaMeter:
@@ -448,41 +502,26 @@ def loss_memory(variant, packed, student, teacher, batch, objective, device) -> 
     return meter.used
 
 
-def time_steps(step, n: int, device) -> list:
-    import torch
-
-    times = []
-    for _ in range(n):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            began = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - began)
-    return times
+def time_steps(step, n: int) -> list:
+    """Seconds per phase (``PHASES``) of ``n`` steps, one list per step."""
+    return [step() for _ in range(n)]
 
 
-def _release(optimizer, student) -> None:
+def _release(models) -> None:
     """After an out-of-memory error: drop gradients and cached blocks before the next config."""
     import torch
 
-    optimizer.zero_grad(set_to_none=True)
-    student.zero_grad(set_to_none=True)
+    models.release()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def run_config(args, variant, attention, micro_batch, batch, student, teacher, objective, optimizer, device, counts,
-               peak):
+def run_config(args, variant, attention, micro_batch, batch, models, objective, device, counts, peak):
     import torch
 
     cuda = device.type == "cuda"
+    student, teacher = models.hf_student, models.hf_teacher
     packed = attention == "packed"
     student_tokens = int(batch["student_attention_mask"].sum())
     teacher_mask = _teacher_rows(batch, dedup=variant == "ours")[1]
@@ -502,9 +541,12 @@ def run_config(args, variant, attention, micro_batch, batch, student, teacher, o
         "response_width": int(batch["labels"].shape[1]),
         "memory_source": "torch.cuda.max_memory_allocated" if cuda else "tensor storages (dispatch mode)",
     }
+    clock, host = PhaseClock(device), HostMemory()
+    host.reset()
 
     def step():
-        train_step(variant, packed, student, teacher, batch, objective, optimizer)
+        train_step(variant, packed, models, batch, objective, clock)
+        return clock.durations()
 
     oom = False
     try:
@@ -513,10 +555,10 @@ def run_config(args, variant, attention, micro_batch, batch, student, teacher, o
         sync(device)
         if cuda:
             with CudaMeter(device) as meter:
-                times = time_steps(step, args.steps, device)
+                times = time_steps(step, args.steps)
             result["peak_memory_gib"] = (meter.before + meter.used) / 2**30
         else:
-            times = time_steps(step, args.steps, device)
+            times = time_steps(step, args.steps)
             with cpu_meter() as meter:  # one more step, untimed: the meter slows every op
                 step()
             result["peak_memory_gib"] = None  # no allocator statistics for the CPU
@@ -524,23 +566,28 @@ def run_config(args, variant, attention, micro_batch, batch, student, teacher, o
         result["step_memory_gib"] = meter.used / 2**30
     except torch.OutOfMemoryError:
         oom = True
+    result["host_peak_rss_gib"] = host.peak_bytes() / 2**30
+    result["host_rss_source"] = host.source
     if oom:  # handled outside the except block: its traceback would pin the failed step's tensors
-        _release(optimizer, student)
+        _release(models)
         result["status"] = "OOM"
         return result
-    try:
-        result["loss_memory_gib"] = loss_memory(variant, packed, student, teacher, batch, objective, device) / 2**30
-    except torch.OutOfMemoryError:
-        oom = True
-    if oom:
-        _release(optimizer, student)
-        result["loss_memory_gib"] = "OOM"
-    seconds = statistics.median(times)
+    if models.engine == "torch":  # under ZeRO-3 the LM heads are partitioned: not measured alone
+        try:
+            result["loss_memory_gib"] = loss_memory(variant, packed, student, teacher, batch, objective, device) / 2**30
+        except torch.OutOfMemoryError:
+            oom = True
+        if oom:
+            _release(models)
+            result["loss_memory_gib"] = "OOM"
+    totals = [sum(phases) for phases in times]
+    seconds = statistics.median(totals)
+    result["phase_seconds_median"] = {name: statistics.median(p[i] for p in times) for i, name in enumerate(PHASES)}
     flops = 6 * counts["student"] * student_tokens + 2 * counts["teacher"] * teacher_tokens
     result.update(
         status="ok",
         step_seconds_median=seconds,
-        step_seconds_all=times,
+        step_seconds_all=totals,
         student_tokens_per_s=student_tokens / seconds,
         samples_per_s=micro_batch / seconds,
         flops_per_step=flops,
@@ -559,7 +606,7 @@ def run_config(args, variant, attention, micro_batch, batch, student, teacher, o
         except torch.OutOfMemoryError:
             oom = True
         if oom:  # outside the except block, as above
-            _release(optimizer, student)
+            _release(models)
             result["profile"] = "OOM"
     if cuda:
         gc.collect()
@@ -606,7 +653,8 @@ def _fmt(value, spec):
 
 def table(results: list) -> str:
     lines = [f"{'variant':<7} {'attention':<9} {'mb':>3} {'step ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'MFU %':>6} "
-             f"{'+attn %':>7} {'HFU %':>6} {'peak GiB':>9} {'step GiB':>9} {'loss GiB':>9}"]
+             f"{'+attn %':>7} {'HFU %':>6} {'peak GiB':>9} {'step GiB':>9} {'loss GiB':>9} "
+             f"{'teach ms':>9} {'s f+b ms':>9} {'opt ms':>8} {'host GiB':>9}"]
     for r in results:
         head = f"{r['variant']:<7} {r.get('attention', 'padded'):<9} {r['micro_batch_size']:>3}"
         if r["status"] != "ok":
@@ -619,7 +667,9 @@ def table(results: list) -> str:
             f"{head} {1000 * r['step_seconds_median']:>9.1f} "
             f"{r['student_tokens_per_s']:>10.0f} {r['achieved_tflops']:>8.2f} {_fmt(mfu, '6.1f'):>6} "
             f"{_fmt(mfu_attn, '7.1f'):>7} {_fmt(hfu, '6.1f'):>6} {_fmt(r['peak_memory_gib'], '9.2f'):>9} "
-            f"{_fmt(r['step_memory_gib'], '9.3f'):>9} {_fmt(r['loss_memory_gib'], '9.3f'):>9}"
+            f"{_fmt(r['step_memory_gib'], '9.3f'):>9} {_fmt(r.get('loss_memory_gib'), '9.3f'):>9} "
+            + " ".join(f"{1000 * r['phase_seconds_median'][name]:>{w}.1f}" for name, w in zip(PHASES, (9, 9, 8)))
+            + f" {r['host_peak_rss_gib']:>9.2f}"
         )
     return "\n".join(lines)
 
@@ -636,16 +686,20 @@ def main(argv):
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak, peak_source = peak_tflops(device, args.peak_tflops)
-    student_path = resolve_model(args.model)
-    teacher_path = resolve_model(args.teacher) if args.teacher else student_path
-    tokenizer = load_tokenizer(student_path)
+    torch.manual_seed(args.seed)
+    began = time.perf_counter()
+    if args.shape:
+        tokenizer, student, teacher = shape_models(args, device, dtype)
+        student_path = teacher_path = f"shape {args.shape} (random weights, seed {args.seed})"
+    else:
+        student_path = resolve_model(args.model)
+        teacher_path = resolve_model(args.teacher) if args.teacher else student_path
+        tokenizer = load_tokenizer(student_path)
+        student = load_model(student_path, device, dtype, True, args.gradient_checkpointing)
+        teacher = load_model(teacher_path, device, dtype, False, False)
     if tokenizer.eos_token_id is None:
         raise UserError(f"{student_path}: the tokenizer has no EOS token")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    torch.manual_seed(args.seed)
-    student = load_model(student_path, device, dtype, True, args.gradient_checkpointing)
-    teacher = load_model(teacher_path, device, dtype, False, False)
     if student.config.vocab_size != teacher.config.vocab_size:
         raise UserError("the teacher's vocabulary differs from the student's")
     counts = {"student": non_embedding_params(student), "teacher": non_embedding_params(teacher)}
@@ -653,7 +707,9 @@ def main(argv):
         compile_decoder_layers(student, args.compile_mode)
         compile_decoder_layers(teacher, args.compile_mode)
     # fused AdamW keeps the optimizer step one kernel launch on GPUs, as DeepSpeed's FusedAdam does
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
+    models = (DeepSpeedUpdater(student, teacher, args) if args.engine == "deepspeed"
+              else TorchUpdater(student, teacher, args.learning_rate, device))
+    setup_seconds = time.perf_counter() - began
     objective = DistillationLoss(args.kd_coef)
 
     largest = max(args.micro_batch_sizes)
@@ -668,6 +724,7 @@ def main(argv):
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"dtype {str(dtype).replace('torch.', '')}, gradient checkpointing {args.gradient_checkpointing}, "
           f"compiled {args.compile}, attention {' and '.join(args.attention)}")
+    print(f"engine: {engine_note(models)}; models ready in {setup_seconds:.1f} s")
     print(f"peak: {_fmt(peak, '.0f')} TFLOP/s ({peak_source})")
     print(f"student {student_path}: N = {counts['student'] / 1e6:.1f}M non-embedding parameters; "
           f"teacher {teacher_path}: N = {counts['teacher'] / 1e6:.1f}M")
@@ -682,12 +739,14 @@ def main(argv):
         for micro_batch in args.micro_batch_sizes:
             batch = {k: v.to(device) for k, v in collate(items[:micro_batch], pad_id).items()}
             for variant in args.variants:
-                results.append(run_config(args, variant, attention, micro_batch, batch, student, teacher, objective,
-                                          optimizer, device, counts, peak))
+                results.append(run_config(args, variant, attention, micro_batch, batch, models, objective, device,
+                                          counts, peak))
     ratios = comparisons(results)
     print()
     print("peak GiB: all allocated memory during the timed steps (CUDA only); step GiB: the step's peak above "
-          "what was allocated before it; loss GiB: LM heads + loss + their backward alone (see loss_memory)")
+          "what was allocated before it; loss GiB: LM heads + loss + their backward alone (see loss_memory; "
+          "torch engine only); teach / s f+b / opt ms: median teacher forward, student forward + loss + backward, "
+          "optimizer update; host GiB: peak resident set of the process (" + HostMemory().source + ")")
     print(table(results))
     for row in ratios:
         label = f"mb {row['micro_batch_size']}, ours {row['ours_attention']} vs naive {row['naive_attention']}"
@@ -707,6 +766,8 @@ def main(argv):
             "peak_tflops": peak,
             "peak_tflops_source": peak_source,
             "flops_formula": FLOPS_FORMULA,
+            "engine": engine_note(models),
+            "setup_seconds": setup_seconds,
             "student": student_path,
             "teacher": teacher_path,
             "student_non_embedding_params": counts["student"],

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--load_checkpoint", action="store_true", help="resume from the latest checkpoint in --ckpt_path")
     ckpt.add_argument("--save_hf_ckpt", action="store_true", help="also save an HF folder per checkpoint")
     ckpt.add_argument("--disable_ds_ckpt", action="store_true")
+    ckpt.add_argument("--check_saved_logits", action="store_true",
+                      help="after saving, reload the folder on the host and compare its logits with the trained "
+                           "model's on one row (kd/save_check.py; writes save_check.json; default off)")
     ckpt.add_argument("--logging_steps", type=int, default=1)
     ckpt.add_argument("--eval_steps", type=int, default=-1, help="accepted for compatibility; stage 3 has no eval set")
     ckpt.add_argument("--use_tensorboard", default=None, metavar="DIR", help="write TensorBoard scalars under DIR")
@@ -338,6 +341,12 @@ def train(args) -> None:
         write_text_atomic(os.path.join(partial, "kd_args.json"), json.dumps(vars(args), indent=2, sort_keys=True, default=str))
         replace_dir(partial, args.output_dir)
     strategy.print(f"saved {args.output_dir} in {lap()} ({trainer.skipped_steps} optimizer steps skipped)")
+    if args.check_saved_logits:
+        from kd.save_check import check_saved_logits
+
+        strategy.barrier()  # the folder is in place before rank 0 reads it
+        check_saved_logits(strategy, model, dataset, args.output_dir, args.packing_samples)
+        strategy.print(f"timing: save check {lap()}")
 
 
 def main(argv=None) -> int:

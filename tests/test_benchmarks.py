@@ -40,15 +40,15 @@ def _run(script, *args):
     return done.stdout
 
 
-def _check_train_report(report, sizes, attention=("padded",)):
+def _check_train_report(report, sizes, attention=("padded",), engine="torch"):
     results = report["results"]
     expected = {(variant, a, size) for variant in ("ours", "naive") for a in attention for size in sizes}
     assert {(r["variant"], r["attention"], r["micro_batch_size"]) for r in results} == expected
     for r in results:
         assert r["status"] == "ok"
-        for key in ("step_seconds_median", "student_tokens_per_s", "achieved_tflops", "mfu", "step_memory_gib",
-                    "loss_memory_gib", "student_tokens", "teacher_tokens", "flops_per_step",
-                    "attention_flops_per_step"):
+        keys = ["step_seconds_median", "student_tokens_per_s", "achieved_tflops", "mfu", "step_memory_gib",
+                "student_tokens", "teacher_tokens", "flops_per_step", "attention_flops_per_step"]
+        for key in keys + (["loss_memory_gib"] if engine == "torch" else []):
             assert r[key] > 0, (key, r)
         assert r["mfu_with_attention"] > r["mfu"]
         if r["attention"] == "packed":
@@ -56,11 +56,17 @@ def _check_train_report(report, sizes, attention=("padded",)):
         else:  # padded rows compute their padding too: no hardware-FLOPs figure
             assert r["hfu"] is None and r["hardware_flops_per_step"] is None
         assert r["peak_memory_gib"] is None  # CPU: no allocator statistics
+        phases = r["phase_seconds_median"]
+        assert list(phases) == ["teacher_forward", "student_forward_backward", "optimizer"]
+        assert all(v > 0 for v in phases.values()) and r["host_peak_rss_gib"] > 0.1
+        # the phases tile the step: their medians add up to about the median step
+        assert 0.5 < sum(phases.values()) / r["step_seconds_median"] < 1.5
     pairs = len(attention) + (len(attention) == 2)  # same layout each, plus ours packed vs naive padded
     assert [c["micro_batch_size"] for c in report["comparison"]] == [s for s in sorted(sizes) for _ in range(pairs)]
-    assert all(c["tokens_per_s_ratio"] > 0 and c["loss_memory_ratio_naive_over_ours"] > 0
+    assert all(c["tokens_per_s_ratio"] > 0 and (engine != "torch" or c["loss_memory_ratio_naive_over_ours"] > 0)
                for c in report["comparison"])
     assert "6" in report["flops_formula"] and report["student_non_embedding_params"] > 0
+    assert report["engine"].startswith("plain torch" if engine == "torch" else "DeepSpeed ZeRO-")
     for r in (r for r in results if r["attention"] == "packed"):  # HFU counts checkpointing's recomputation
         recomputed = r["hardware_flops_per_step"] - r["flops_per_step"] - r["attention_flops_per_step"]
         dense = 2 * report["student_non_embedding_params"] * r["student_tokens"]
@@ -81,6 +87,32 @@ def test_bench_train_synthetic(tmp_path, tiny_model):
     assert "FLOPs/step" in stdout and "ours/naive tokens/s" in stdout
     # every row is a distinct example: the teacher runs once per row in both variants
     assert all(r["teacher_rows"] == r["micro_batch_size"] for r in report["results"])
+
+
+def test_bench_train_at_a_shape_with_random_weights(tmp_path):
+    out = tmp_path / "train.json"
+    stdout = _run("bench_train.py", "--shape", "tiny-qwen2", "--device", "cpu", "--threads", "1",
+                  "--prompt_len", 32, "--response_len", 4, "--micro_batch_sizes", 2, "--warmup", 0, "--steps", 2,
+                  "--peak_tflops", 1.0, "--attention", "packed", "--output", out)
+    report = json.loads(out.read_text())
+    _check_train_report(report, [2], ("packed",))
+    assert report["student"].startswith("shape tiny-qwen2") and "teach ms" in stdout
+    # hidden 64, 2 layers, q/k/v biases: the non-embedding count of the tiny shape
+    assert report["student_non_embedding_params"] == 2 * (64 * (64 + 2 * 32) + 64 * 64 + 64 + 2 * 32
+                                                          + 3 * 64 * 128 + 2 * 64) + 64
+
+
+def test_bench_train_deepspeed_zero3_with_teacher_offload(tmp_path):
+    data = _nq_file(tmp_path / "nq-4.jsonl.gz")
+    out = tmp_path / "train.json"
+    stdout = _run("bench_train.py", "--shape", "tiny-llama", "--engine", "deepspeed", "--zero_stage", 3,
+                  "--teacher_offload", "--gradient_checkpointing", "--device", "cpu", "--threads", "1",
+                  "--data", data, "--total_doc", TOTAL, "--micro_batch_sizes", 1, 2, "--warmup", 1, "--steps", 1,
+                  "--peak_tflops", 1.0, "--attention", "packed", "--output", out)
+    report = json.loads(out.read_text())
+    _check_train_report(report, [1, 2], ("packed",), engine="deepspeed")
+    assert "teacher_offload True" in report["engine"] and "loss_memory_gib" not in report["results"][0]
+    assert "DeepSpeed ZeRO-3" in stdout
 
 
 def test_bench_train_real_data_dedups_teacher(tmp_path, tiny_model):
@@ -191,13 +223,14 @@ def test_bench_train_reports_out_of_memory_and_goes_on(monkeypatch):
     monkeypatch.setattr(bench, "train_step", out_of_memory)
     monkeypatch.setattr(bench, "attention_flops_per_pass", lambda model, lengths: 0)
     student = torch.nn.Linear(1, 1)
-    optimizer = torch.optim.AdamW(student.parameters())
-    naive = bench.run_config(args, "naive", "padded", 2, batch, student, None, None, optimizer, torch.device("cpu"),
+    models = bench.TorchUpdater(student, None, 1e-3, torch.device("cpu"))
+    naive = bench.run_config(args, "naive", "padded", 2, batch, models, None, torch.device("cpu"),
                              {"student": 1, "teacher": 1}, None)
-    assert naive["status"] == "OOM" and naive["teacher_rows"] == 2
+    assert naive["status"] == "OOM" and naive["teacher_rows"] == 2 and naive["host_peak_rss_gib"] > 0
     ours = {"variant": "ours", "attention": "padded", "micro_batch_size": 2, "status": "ok", "step_seconds_median": 0.1,
             "student_tokens_per_s": 100.0, "achieved_tflops": 0.1, "mfu": None, "peak_memory_gib": None,
-            "step_memory_gib": 0.1, "loss_memory_gib": "OOM"}
+            "step_memory_gib": 0.1, "loss_memory_gib": "OOM", "host_peak_rss_gib": 1.0,
+            "phase_seconds_median": {"teacher_forward": 0.02, "student_forward_backward": 0.07, "optimizer": 0.01}}
     assert bench.comparisons([ours, naive]) == [{"micro_batch_size": 2, "ours_attention": "padded",
                                                  "naive_attention": "padded", "ours": "ok", "naive": "OOM"}]
     table = bench.table([ours, naive])

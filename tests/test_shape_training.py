@@ -1,0 +1,48 @@
+"""The real stage-3 path on a builder folder: train_nq.sh on a random-weight shape, the save
+reloaded and its logits compared with the trained model's (kd/save_check.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from kd.save_check import compare
+from test_train_kd_e2e import make_pair_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_compare_fails_a_perturbed_reload():
+    trained = torch.randn(1, 5, 11)
+    assert compare(trained, trained.clone(), torch.float32)["ok"]
+    broken = compare(trained, trained + 0.1 * trained.abs().max(), torch.float32)
+    assert not broken["ok"] and broken["relative"] > 0.09
+    bf16_noise = trained * (1 + 2 ** -9)  # what bf16 weights give against an fp32 reload
+    assert compare(trained, bf16_noise, torch.bfloat16)["ok"]
+
+
+def test_train_nq_sh_on_a_shape_folder_saves_what_it_trained(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    model = tmp_path / "tiny-qwen2"
+    subprocess.run([sys.executable, "-m", "pos2distill.model_shapes", "--shape", "tiny-qwen2", "--out", str(model),
+                    "--dtype", "float32", "--device", "cpu"], check=True, env=env, cwd=ROOT, capture_output=True)
+    make_pair_dataset(tmp_path / "data" / "shapepairs", n_examples=2, copies=1)
+    env.update(MODEL=str(model), DATASET="shapepairs", DATA_ROOT=str(tmp_path / "data"), SAVE_PATH=str(tmp_path / "save"),
+               CKPT_PATH=str(tmp_path / "ckpt"), TENSORBOARD=str(tmp_path / "tb"), TRAIN_BATCH="2", MICRO_BATCH="1",
+               MAX_LEN="4096", LR="1e-2", MASTER_PORT=str(29000 + os.getpid() % 1000), PACKING="1")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # the venv's deepspeed launcher
+    done = subprocess.run(["bash", os.path.join(ROOT, "train_nq.sh"), "--check_saved_logits"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (saved,) = [d for d in (tmp_path / "save").iterdir() if d.is_dir()]
+    check = json.loads((saved / "save_check.json").read_text())
+    assert check["ok"] and check["argmax_agreement"] == 1.0 and check["probe_tokens"] > 10
+    # training moved the weights: the save is not the builder's folder
+    from safetensors.torch import load_file
+
+    before, after = load_file(str(model / "model.safetensors")), load_file(str(saved / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert "save check" in done.stdout + done.stderr
