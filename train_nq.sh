@@ -6,6 +6,8 @@
 # KD_COEF=a,b,c,d mixes total = a*kd + b*lm + c*rank + d*adaptive; 0,0,0,1 is Pos2Distill.
 set -euo pipefail
 cd "$(dirname "$0")"
+. scripts/lib/usage.sh
+help_if_asked "$(basename "$0")" "[VAR=value ...] bash train_nq.sh [more kd/train_kd.py flags; see python kd/train_kd.py --help]" "$@"
 
 MODEL=${MODEL:-SmolLM2-135M-Instruct}            # folder, hub id, .gguf file or the embedded default
 TEACHER=${TEACHER:-$MODEL}
