@@ -417,6 +417,18 @@ def _rows_finished_class():
     return RowsFinished
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_name() -> str:
+    """The name of ``generate``'s KV-cache argument and output field: ``cache`` from transformers
+    5.24 (``past_key_values`` warns there and goes in 6.0); 5.23 knows only ``past_key_values``."""
+    import dataclasses
+
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    names = {field.name for field in dataclasses.fields(GenerateDecoderOnlyOutput)}
+    return "cache" if "cache" in names else "past_key_values"
+
+
 @contextlib.contextmanager
 def _quiet_generation():
     """Silence transformers' advisory warnings about generation flags during our calls."""
@@ -618,7 +630,7 @@ class HFBackend(GenerationBackend):
             segment = copy.deepcopy(config)
             segment.max_new_tokens = budget - produced
             segment.return_dict_in_generate = True
-            out = self.model.generate(input_ids=sequences, attention_mask=mask, past_key_values=cache,
+            out = self.model.generate(input_ids=sequences, attention_mask=mask, **{_cache_name(): cache},
                                       generation_config=segment, stopping_criteria=StoppingCriteriaList([stop]))
             steps = out.sequences.shape[1] - sequences.shape[1]
             produced += steps
@@ -638,7 +650,7 @@ class HFBackend(GenerationBackend):
             index = torch.tensor(keep, device=self.device)
             sequences = out.sequences.index_select(0, index)
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], steps))], dim=1).index_select(0, index)
-            cache = out.past_key_values
+            cache = getattr(out, _cache_name())
             cache.reorder_cache(index)  # the beam-search API: keeps the selected rows
             seen = None if stop.seen_content is None else stop.seen_content.index_select(0, index)
             active = [active[row] for row in keep]
