@@ -51,6 +51,11 @@ if ! command -v deepspeed > /dev/null; then
     echo "error: the deepspeed launcher is not on PATH (scripts/setup.sh installs it; with pip --target, add its bin/)" >&2
     exit 2
 fi
+if [ -z "${DS_ACCELERATOR:-}" ] && ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    # said once here: DeepSpeed's own detection warns in each of its processes
+    echo "== no GPU visible: training on the CPU (DS_ACCELERATOR=cpu)"
+    export DS_ACCELERATOR=cpu
+fi
 LAUNCH=(deepspeed --master_port "$MASTER_PORT")
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
     # The launcher ignores CUDA_VISIBLE_DEVICES when --num_gpus is given and would start on GPU 0

@@ -178,6 +178,15 @@ def attention_implementation(want_flash: bool, strategy, packing: bool = False) 
     return "sdpa"
 
 
+def attention_kernel(attn: str, use_cuda: bool) -> str:
+    """The kernel behind an attention implementation name, for the log."""
+    from kd.packed_attention import PACKED_ATTENTION, varlen_kernel_available
+
+    if attn == PACKED_ATTENTION:
+        return "packed rows, " + ("torch varlen flash" if use_cuda and varlen_kernel_available() else "SDPA per row")
+    return attn
+
+
 def load_training_data(args):
     """Models resolved, the stage-2 dataset tokenized and filtered by --max_len.
 
@@ -257,7 +266,6 @@ def train(args) -> None:
 
     strategy = KDStrategy(args)
     strategy.setup_distributed()
-    strategy.print("config: " + json.dumps(vars(args), indent=2, sort_keys=True, default=str))
 
     if args.packing_samples:  # from the configs alone, before two models are loaded for nothing
         from transformers import AutoConfig
@@ -267,6 +275,12 @@ def train(args) -> None:
         for path in dict.fromkeys((args.pretrain, args.teacher_model)):
             check_packable(AutoConfig.from_pretrained(path, trust_remote_code=True), args.max_len)
     attn = attention_implementation(args.flash_attn, strategy, args.packing_samples)
+    args.attention = attention_kernel(attn, strategy.use_cuda)
+    # What runs, not what was asked: --bf16 and --flash_attn give way on a CPU or without flash-attn.
+    shown = {k: v for k, v in vars(args).items() if k not in ("bf16", "flash_attn")}
+    strategy.print("config: " + json.dumps(shown, indent=2, sort_keys=True, default=str))
+    strategy.print(f"runs: {args.param_dtype} weights and compute, attention {args.attention}"
+                   + (" (--bf16 applies on GPUs only)" if args.bf16 and args.param_dtype != "bf16" else ""))
     model = strategy.load_actor(args.pretrain, strategy.get_ds_train_config(is_actor=True), args.lora_rank, attn)
     teacher_config = strategy.get_ds_eval_config(offload=args.teacher_offload)
     teacher = strategy.load_actor(args.teacher_model, teacher_config, 0, attn)
@@ -308,8 +322,8 @@ def train(args) -> None:
         if args.lr_scheduler == "cosine_with_min_lr" else {},
     )
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": args.gradient_checkpointing_use_reentrant}
+        model.model.activation_checkpointing_enable(  # transformers' name since 5.23 (the old one warns)
+            activation_checkpointing_kwargs={"use_reentrant": args.gradient_checkpointing_use_reentrant}
         )
     (model, optim, scheduler), teacher = strategy.prepare((model, optim, scheduler), teacher)
     strategy.print(f"timing: optimizer and DeepSpeed engines ready in {lap()}")

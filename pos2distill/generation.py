@@ -543,7 +543,8 @@ class HFBackend(GenerationBackend):
 
     def _generate_ids(self, token_ids, *, max_new_tokens, temperature, top_p, seed, stop_at_newline, desc):
         import torch
-        from tqdm.auto import tqdm
+
+        from .progress import progress_bar
 
         _check_model_len(token_ids, self.max_model_len)
         order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
@@ -553,7 +554,7 @@ class HFBackend(GenerationBackend):
         new_tokens = 0
         totals = {"batches": 0, "decode_steps": 0, "row_steps": 0, "prompt_tokens": 0, "padded_prompt_tokens": 0}
         devices = [self.device] if self.device.type == "cuda" else []
-        bar = tqdm(total=len(token_ids), desc=desc, unit="prompt", dynamic_ncols=True, disable=not self.show_progress)
+        bar = progress_bar(total=len(token_ids), desc=desc, unit="prompt", dynamic_ncols=True, disable=not self.show_progress)
         try:
             # fork_rng: seeding must not disturb the caller's global RNG stream.
             with torch.random.fork_rng(devices=devices), torch.inference_mode(), _quiet_generation():
