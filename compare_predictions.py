@@ -8,23 +8,27 @@ McNemar's exact p-value; for the average over positions, a 95% interval from the
 changes. Use it for "did training change position 0?" and "does a repeat run reproduce?".
 """
 
-import argparse
 import json
 import sys
 
+from pos2distill.cli_help import new_parser
 from pos2distill.errors import run_cli
 from pos2distill.jsonl import read_jsonl, write_text_atomic
 from pos2distill.paired import compare_runs, comparison_table
 
 
-def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser():
+    parser = new_parser(__doc__.splitlines()[0])
     parser.add_argument("run_a", help="predictions_{k}docs.jsonl.gz of the reference run (e.g. base)")
     parser.add_argument("run_b", help="predictions of the run compared with it")
-    parser.add_argument("--label", nargs=2, default=["A", "B"], metavar=("A", "B"))
-    parser.add_argument("--output", default=None, help="write OUTPUT.md and OUTPUT.json")
+    parser.add_argument("--label", nargs=2, default=["A", "B"], metavar=("A", "B"), help="names of the two runs in the table")
+    parser.add_argument("--output", default=None, help="write OUTPUT.md and OUTPUT.json (default: print only)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv):
+    args = build_parser().parse_args(argv)
     # read_jsonl reports a missing file or a bad line in one line itself
     result = compare_runs(read_jsonl(args.run_a), read_jsonl(args.run_b), *args.label)
     table = comparison_table(result)

@@ -8,7 +8,6 @@ writes a Hugging Face dataset (save_to_disk) named
 under --output_dir, with position_counts.json (rows per gold position).
 """
 
-import argparse
 import glob
 import hashlib
 import json
@@ -16,17 +15,18 @@ import os
 import shutil
 import sys
 
+from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.jsonl import iter_jsonl, remove_stale_temporaries, replace_dir, temporary_name, write_text_atomic
 from pos2distill.metrics import score_prediction
 from pos2distill.pairs import build_rows, dataset_dir_name, position_counts, select_correct
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser():
+    parser = new_parser(__doc__.splitlines()[0])
     parser.add_argument("--model_name", default="SmolLM2-135M-Instruct", help="model name used in stage 1's file name")
-    parser.add_argument("--dataset_name", default="nq")
-    parser.add_argument("--total_doc", type=int, default=20)
+    parser.add_argument("--dataset_name", default="nq", help="stage 1's dataset folder under --raw_data_dir")
+    parser.add_argument("--total_doc", type=int, default=20, help="documents per prompt, as in stage 1")
     parser.add_argument("--position_sample_num", type=int, default=4, help="K trivial positions per example")
     parser.add_argument("--strengthen", type=int, default=1, help="anchor copies at the advantageous position")
     parser.add_argument("--example_num", type=int, default=400, help="examples to keep (-1: every correct one)")
@@ -34,11 +34,15 @@ def parse_args(argv):
                         help="keep the first --example_num examples whatever their answer (a control; the dataset "
                              "name says nofilter instead of filter)")
     parser.add_argument("--input_path", default=None, help="stage-1 file (default: found under --raw_data_dir)")
-    parser.add_argument("--raw_data_dir", default="raw_data")
-    parser.add_argument("--output_dir", default="data")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--raw_data_dir", default="raw_data", help="stage 1's --output-path")
+    parser.add_argument("--output_dir", default="data", help="where the dataset folder is written")
+    parser.add_argument("--seed", type=int, default=42, help="seeds the choice of trivial positions")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def find_stage1_file(args) -> str:

@@ -8,12 +8,12 @@ JSON) with 95% confidence intervals, average and gap, and a PNG plot that
 overlays all models given.
 """
 
-import argparse
 import os
 import sys
 
 from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_name_from_path, precision_config,
                                   require_at_least)
+from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.formats import load_examples
 from pos2distill.generation import data_parallel_config, make_backend
@@ -25,17 +25,17 @@ from pos2distill.resumable import ChunkedOutput, file_identity
 from pos2distill.training_questions import training_questions
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser():
+    parser = new_parser(__doc__.splitlines()[0])
     parser.add_argument("--input-path", dest="input_path", required=True, help="evaluation file (.jsonl[.gz])")
     parser.add_argument("--output-path", dest="output_path", default="evaluate", help="output folder")
     parser.add_argument("--dataset_name", default=None, help="default: from the input file name (nq, kv, tqa, ...)")
     parser.add_argument("--total_doc", type=int, default=20, help="documents per prompt")
     parser.add_argument("--sample_num", type=int, default=500, help="evaluate the last N examples (-1: all)")
     parser.add_argument("--positions", default="all", help="all | comma list such as 0,4,9,last")
-    parser.add_argument("--label", nargs="*", default=None, help="plot/table labels, one per --model")
+    parser.add_argument("--label", nargs="*", default=None, help="plot/table labels, one per --model (default: the model names)")
     parser.add_argument("--train_dataset", default=None,
-                        help="stage-2 dataset folder or stage-1 file: warn if evaluated questions were trained on")
+                        help="stage-2 dataset folder or stage-1 file: warn if evaluated questions were trained on (default: no check)")
     parser.add_argument("--no_stop_at_newline", action="store_true",
                         help="generate the full answer (only the first line is scored either way)")
     parser.add_argument("--positions_per_call", type=int, default=1,
@@ -46,7 +46,11 @@ def parse_args(argv):
                         help="HF backend: finished rows leave the batch (greedy; same outputs up to bf16 "
                              "rounding; docs/performance.md); ignored by vLLM")
     add_model_flags(parser, several_models=True)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def warn_training_overlap(train_dataset: str, examples) -> None:

@@ -5,13 +5,15 @@
 # DATASET picks the input file (override with INPUT_PATH): nq, kv, tqa or webq.
 set -euo pipefail
 cd "$(dirname "$0")"
+. scripts/lib/usage.sh
+help_if_asked "$(basename "$0")" "[VAR=value ...] bash eval_data.sh [more eval_data.py flags; see python eval_data.py --help]" "$@"
 
 MODEL=${MODEL:-SmolLM2-135M-Instruct}
 DATASET=${DATASET:-nq}
 TOTAL_DOCS=${TOTAL_DOCS:-20}
 SAMPLE_NUM=${SAMPLE_NUM:-500}
 POSITIONS=${POSITIONS:-all}
-NUM_GPUS=${NUM_GPUS:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+NUM_GPUS=${NUM_GPUS:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}  # the visible GPUs, at least 1
 BACKEND=${BACKEND:-auto}
 
 case "$DATASET" in
@@ -21,7 +23,7 @@ case "$DATASET" in
     webq) DEFAULT_INPUT="webq_dev.jsonl.gz" ;;
     *)    echo "error: unknown DATASET '$DATASET' (nq, kv, tqa, webq; or set INPUT_PATH)" >&2; exit 2 ;;
 esac
-INPUT_PATH=${INPUT_PATH:-$DEFAULT_INPUT}
+INPUT_PATH=${INPUT_PATH:-$DEFAULT_INPUT}  # from DATASET (and TOTAL_DOCS / KV_KEYS=75), as above
 
 # shellcheck disable=SC2086  # MODEL may name several models
 python eval_data.py \

@@ -11,7 +11,6 @@ and ``oracle_correct``. An interrupted run restarted with the same arguments
 resumes where it stopped and writes the same file.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ import time
 
 from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_name_from_path, precision_config,
                                   require_at_least)
+from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.formats import example_to_raw, load_examples
 from pos2distill.generation import data_parallel_config, make_backend
@@ -31,17 +31,17 @@ from pos2distill.report import summarize, to_console
 from pos2distill.resumable import ChunkedOutput, file_identity
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser():
+    parser = new_parser(__doc__.splitlines()[0])
     parser.add_argument("--input-path", dest="input_path", required=True, help="examples (.jsonl[.gz], any supported format)")
     parser.add_argument("--output-path", dest="output_path", default="raw_data",
                         help="output folder (file goes to {folder}/{dataset}/...), or a .jsonl.gz file name")
     parser.add_argument("--dataset_name", default=None, help="default: from the input file name (nq, kv, ...)")
     parser.add_argument("--total_doc", type=int, default=20, help="documents per prompt")
     parser.add_argument("--gold_doc", default="0", help="advantageous position: index, first, last or auto")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top_p", type=float, default=0.95)
-    parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the answers")
+    parser.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling: smallest token set with this mass")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N examples (default: all)")
     parser.add_argument("--full_answers", action="store_true",
                         help="sample up to --max-new-tokens; by default sampling stops at the end of the first "
                              "line, the only part that is scored and trained on")
@@ -51,7 +51,11 @@ def parse_args(argv):
     parser.add_argument("--eval_holdout", type=int, default=500,
                         help="--gold_doc auto: the last N examples (stage 4's) are never probed")
     add_model_flags(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def probe_slice(num_examples: int, probe_num: int, holdout: int) -> range:

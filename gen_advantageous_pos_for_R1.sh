@@ -4,12 +4,14 @@
 #   MODEL=Qwen/Qwen2.5-7B-Instruct INPUT_PATH=qa_data/nq-open-20_total_documents.jsonl.gz bash gen_advantageous_pos_for_R1.sh
 set -euo pipefail
 cd "$(dirname "$0")"
+. scripts/lib/usage.sh
+help_if_asked "$(basename "$0")" "[VAR=value ...] bash gen_advantageous_pos_for_R1.sh [more gen_advantageous_pos_for_R1.py flags; see python gen_advantageous_pos_for_R1.py --help]" "$@"
 
 MODEL=${MODEL:-SmolLM2-135M-Instruct}
 INPUT_PATH=${INPUT_PATH:-qa_data/nq-open-20_total_documents.jsonl.gz}
 TOTAL_DOC=${TOTAL_DOC:-20}
 GOLD_DOC=${GOLD_DOC:-auto}          # index, first, last or auto (measured on a held-out slice)
-NUM_GPUS=${NUM_GPUS:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+NUM_GPUS=${NUM_GPUS:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}  # the visible GPUs, at least 1
 BACKEND=${BACKEND:-auto}
 
 python gen_advantageous_pos_for_R1.py \

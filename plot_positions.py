@@ -4,21 +4,25 @@
         evaluate/nq/trained/summary_20docs.json --output compare.png --label base trained
 """
 
-import argparse
 import sys
 
+from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.report import load_summaries, plot_positions, to_console, write_summaries
 
 
-def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser():
+    parser = new_parser(__doc__.splitlines()[0])
     parser.add_argument("summaries", nargs="+", help="summary JSON files written by eval_data.py")
     parser.add_argument("--output", required=True, help="PNG path; tables go next to it (.csv, .md, .json)")
-    parser.add_argument("--label", nargs="*", default=None, help="new labels, one per summary")
-    parser.add_argument("--title", default="")
+    parser.add_argument("--label", nargs="*", default=None, help="new labels, one per summary (default: the saved labels)")
+    parser.add_argument("--title", default="", help="plot title (default: accuracy by gold-document position)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv):
+    args = build_parser().parse_args(argv)
     summaries = []
     for path in args.summaries:
         summaries.extend(load_summaries(path))  # a missing file is a one-line error there

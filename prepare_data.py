@@ -7,6 +7,7 @@
 
 import argparse
 
+from pos2distill.cli_help import HelpFormatter, new_parser
 from pos2distill.errors import run_cli
 from pos2distill.formats import load_examples
 from pos2distill.jsonl import write_jsonl
@@ -17,19 +18,19 @@ from pos2distill.nq_builder import build_nq_sets
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[common])
+    parser = new_parser(__doc__.splitlines()[0], parents=[common])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    nq = commands.add_parser("nq", parents=[common], help="k-document NQ sets with BM25 distractors")
+    nq = commands.add_parser("nq", parents=[common], formatter_class=HelpFormatter, help="k-document NQ sets with BM25 distractors")
     nq.add_argument("--oracle", required=True, help="nq-open-oracle.jsonl.gz (one gold ctx per question)")
     nq.add_argument("--total_doc", type=int, default=20, help="documents per question, gold included")
     nq.add_argument("--output", required=True, help="output .jsonl or .jsonl.gz")
-    nq.add_argument("--limit", type=int, default=None, help="write only the first N questions")
+    nq.add_argument("--limit", type=int, default=None, help="write only the first N questions (default: all)")
 
-    kv = commands.add_parser("kv", parents=[common], help="synthetic key-value retrieval records")
-    kv.add_argument("--num_keys", type=int, default=75)
-    kv.add_argument("--num_examples", type=int, default=500)
-    kv.add_argument("--seed", type=int, default=0)
+    kv = commands.add_parser("kv", parents=[common], formatter_class=HelpFormatter, help="synthetic key-value retrieval records")
+    kv.add_argument("--num_keys", type=int, default=75, help="key-value pairs per record (its documents)")
+    kv.add_argument("--num_examples", type=int, default=500, help="records to write")
+    kv.add_argument("--seed", type=int, default=0, help="seeds the random keys and values")
     kv.add_argument("--output", required=True, help="output .jsonl or .jsonl.gz")
     return parser
 

@@ -6,6 +6,8 @@
 # KD_COEF=a,b,c,d mixes total = a*kd + b*lm + c*rank + d*adaptive; 0,0,0,1 is Pos2Distill.
 set -euo pipefail
 cd "$(dirname "$0")"
+. scripts/lib/usage.sh
+help_if_asked "$(basename "$0")" "[VAR=value ...] bash train_nq.sh [more kd/train_kd.py flags; see python kd/train_kd.py --help]" "$@"
 
 MODEL=${MODEL:-SmolLM2-135M-Instruct}            # folder, hub id, .gguf file or the embedded default
 TEACHER=${TEACHER:-$MODEL}
@@ -48,6 +50,11 @@ if [ "$GRAD_CKPT" = 1 ]; then OPTIONAL+=(--gradient_checkpointing); fi
 if ! command -v deepspeed > /dev/null; then
     echo "error: the deepspeed launcher is not on PATH (scripts/setup.sh installs it; with pip --target, add its bin/)" >&2
     exit 2
+fi
+if [ -z "${DS_ACCELERATOR:-}" ] && ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    # said once here: DeepSpeed's own detection warns in each of its processes
+    echo "== no GPU visible: training on the CPU (DS_ACCELERATOR=cpu)"
+    export DS_ACCELERATOR=cpu
 fi
 LAUNCH=(deepspeed --master_port "$MASTER_PORT")
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then

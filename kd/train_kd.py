@@ -19,6 +19,7 @@ if __name__ == "__main__" and not __package__:
     # from the repository root rather than the sibling files in kd/.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.jsonl import replace_dir, write_text_atomic
 
@@ -49,11 +50,11 @@ def run_name(dataset: str, kd_coef: tuple, perserve: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser(__doc__)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True, help="stage-2 dataset folder, or its name under --data_root")
     data.add_argument("--data_root", default="data", help="where --dataset names are looked up")
-    data.add_argument("--dataset_name", default=None, help="short name (nq, kv, ...): groups the TensorBoard runs")
+    data.add_argument("--dataset_name", default=None, help="short name (nq, kv, ...): groups the TensorBoard runs (default: none)")
     data.add_argument("--input_key", default="question", help="column with the question (KV: the key)")
     data.add_argument("--output_key", default="oracle_answer", help="column with the teacher's answer")
     data.add_argument("--max_samples", type=int, default=1000000, help="use at most this many rows")
@@ -79,58 +80,58 @@ def build_parser() -> argparse.ArgumentParser:
                     help="abort after this many optimizer steps in a row with non-finite loss or gradients")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--max_epochs", type=int, default=1)
-    optim.add_argument("--learning_rate", type=float, default=3e-6)
-    optim.add_argument("--lr_scheduler", default="cosine_with_min_lr")
-    optim.add_argument("--lr_warmup_ratio", type=float, default=0.05)
+    optim.add_argument("--max_epochs", type=int, default=1, help="passes over the dataset")
+    optim.add_argument("--learning_rate", type=float, default=3e-6, help="peak AdamW learning rate")
+    optim.add_argument("--lr_scheduler", default="cosine_with_min_lr", help="transformers scheduler name")
+    optim.add_argument("--lr_warmup_ratio", type=float, default=0.05, help="fraction of the steps spent warming up")
     optim.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of --learning_rate")
     optim.add_argument("--l2", type=float, default=0.01, help="AdamW weight decay")
-    optim.add_argument("--adam_betas", type=float, nargs=2, default=(0.9, 0.95))
+    optim.add_argument("--adam_betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW beta1 beta2")
     optim.add_argument("--max_norm", type=float, default=1.0, help="gradient clipping")
     optim.add_argument("--train_batch_size", type=int, default=32, help="global batch (all processes)")
     optim.add_argument("--micro_train_batch_size", type=int, default=4, help="batch per process and forward")
-    optim.add_argument("--seed", type=int, default=42)
-    optim.add_argument("--full_determinism", action="store_true")
+    optim.add_argument("--seed", type=int, default=42, help="seeds data order, initialisation and dropout")
+    optim.add_argument("--full_determinism", action="store_true", help="deterministic kernels (transformers.enable_full_determinism; slower)")
 
     ds = parser.add_argument_group("deepspeed")
     ds.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    ds.add_argument("--zero_stage", type=int, default=3, choices=(0, 1, 2, 3))
+    ds.add_argument("--zero_stage", type=int, default=3, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
     ds.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPUs; CPU runs stay fp32)")
     ds.add_argument("--flash_attn", action="store_true",
                     help="flash_attention_2 when flash-attn is installed; otherwise SDPA with a warning")
-    ds.add_argument("--gradient_checkpointing", action="store_true")
-    ds.add_argument("--gradient_checkpointing_use_reentrant", action="store_true")
+    ds.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    ds.add_argument("--gradient_checkpointing_use_reentrant", action="store_true", help="the reentrant variant of checkpointing")
     ds.add_argument("--adam_offload", action="store_true", help="optimizer states on CPU (DeepSpeedCPUAdam)")
     ds.add_argument("--zpg", type=int, default=1, help="ZeRO++ partition size")
-    ds.add_argument("--grad_accum_dtype", default=None)
-    ds.add_argument("--overlap_comm", action="store_true")
-    ds.add_argument("--disable_fast_tokenizer", action="store_true")
+    ds.add_argument("--grad_accum_dtype", default=None, help="DeepSpeed gradient accumulation dtype (default: DeepSpeed's)")
+    ds.add_argument("--overlap_comm", action="store_true", help="DeepSpeed: overlap gradient reduction with backward")
+    ds.add_argument("--disable_fast_tokenizer", action="store_true", help="load the slow (Python) tokenizer")
 
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora_rank", type=int, default=0)
-    lora.add_argument("--lora_alpha", type=int, default=16)
-    lora.add_argument("--lora_dropout", type=float, default=0.0)
-    lora.add_argument("--target_modules", nargs="*", default="all-linear")
+    lora.add_argument("--lora_rank", type=int, default=0, help="LoRA rank of the student (0: full fine-tuning)")
+    lora.add_argument("--lora_alpha", type=int, default=16, help="LoRA scaling alpha")
+    lora.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    lora.add_argument("--target_modules", nargs="*", default="all-linear", help="modules that get LoRA adapters")
 
     ckpt = parser.add_argument_group("checkpoints and logs")
     ckpt.add_argument("--save_path", default="checkpoints", help="saves SAVE_PATH/{dataset}_kd..._{perserve}")
     ckpt.add_argument("--save_steps", type=int, default=-1, help="DeepSpeed checkpoint every N steps (-1: never)")
     ckpt.add_argument("--ckpt_path", default="./ckpt/checkpoints_kd", help="DeepSpeed checkpoints, for resuming")
-    ckpt.add_argument("--max_ckpt_num", type=int, default=3)
-    ckpt.add_argument("--max_ckpt_mem", type=float, default=1e8, help="GiB")
+    ckpt.add_argument("--max_ckpt_num", type=int, default=3, help="DeepSpeed checkpoints kept in --ckpt_path")
+    ckpt.add_argument("--max_ckpt_mem", type=float, default=1e8, help="GiB of DeepSpeed checkpoints kept in --ckpt_path")
     ckpt.add_argument("--load_checkpoint", action="store_true", help="resume from the latest checkpoint in --ckpt_path")
     ckpt.add_argument("--save_hf_ckpt", action="store_true", help="also save an HF folder per checkpoint")
-    ckpt.add_argument("--disable_ds_ckpt", action="store_true")
+    ckpt.add_argument("--disable_ds_ckpt", action="store_true", help="no DeepSpeed checkpoints (only HF ones with --save_hf_ckpt)")
     ckpt.add_argument("--check_saved_logits", action="store_true",
                       help="after saving, reload the folder on the host and compare its logits with the trained "
                            "model's on one row (kd/save_check.py; writes save_check.json; default off)")
-    ckpt.add_argument("--logging_steps", type=int, default=1)
+    ckpt.add_argument("--logging_steps", type=int, default=1, help="log losses every N optimizer steps")
     ckpt.add_argument("--eval_steps", type=int, default=-1, help="accepted for compatibility; stage 3 has no eval set")
-    ckpt.add_argument("--use_tensorboard", default=None, metavar="DIR", help="write TensorBoard scalars under DIR")
-    ckpt.add_argument("--use_wandb", default=None)
-    ckpt.add_argument("--wandb_org", default=None)
-    ckpt.add_argument("--wandb_group", default=None)
-    ckpt.add_argument("--wandb_project", default="pos2distill")
+    ckpt.add_argument("--use_tensorboard", default=None, metavar="DIR", help="write TensorBoard scalars under DIR (default: off)")
+    ckpt.add_argument("--use_wandb", default=None, metavar="KEY", help="log to Weights & Biases with this API key (default: off)")
+    ckpt.add_argument("--wandb_org", default=None, help="W&B entity (default: the key's)")
+    ckpt.add_argument("--wandb_group", default=None, help="W&B run group (default: none)")
+    ckpt.add_argument("--wandb_project", default="pos2distill", help="W&B project")
     ckpt.add_argument("--wandb_run_name", default=None, help="default: the output folder name")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser
@@ -178,6 +179,15 @@ def attention_implementation(want_flash: bool, strategy, packing: bool = False) 
         return "flash_attention_2"
     strategy.print("warning: --flash_attn requested but flash-attn is not usable here; using SDPA attention")
     return "sdpa"
+
+
+def attention_kernel(attn: str, use_cuda: bool) -> str:
+    """The kernel behind an attention implementation name, for the log."""
+    from kd.packed_attention import PACKED_ATTENTION, varlen_kernel_available
+
+    if attn == PACKED_ATTENTION:
+        return "packed rows, " + ("torch varlen flash" if use_cuda and varlen_kernel_available() else "SDPA per row")
+    return attn
 
 
 def load_training_data(args):
@@ -259,7 +269,6 @@ def train(args) -> None:
 
     strategy = KDStrategy(args)
     strategy.setup_distributed()
-    strategy.print("config: " + json.dumps(vars(args), indent=2, sort_keys=True, default=str))
 
     if args.packing_samples:  # from the configs alone, before two models are loaded for nothing
         from transformers import AutoConfig
@@ -269,6 +278,12 @@ def train(args) -> None:
         for path in dict.fromkeys((args.pretrain, args.teacher_model)):
             check_packable(AutoConfig.from_pretrained(path, trust_remote_code=True), args.max_len)
     attn = attention_implementation(args.flash_attn, strategy, args.packing_samples)
+    args.attention = attention_kernel(attn, strategy.use_cuda)
+    # What runs, not what was asked: --bf16 and --flash_attn give way on a CPU or without flash-attn.
+    shown = {k: v for k, v in vars(args).items() if k not in ("bf16", "flash_attn")}
+    strategy.print("config: " + json.dumps(shown, indent=2, sort_keys=True, default=str))
+    strategy.print(f"runs: {args.param_dtype} weights and compute, attention {args.attention}"
+                   + (" (--bf16 applies on GPUs only)" if args.bf16 and args.param_dtype != "bf16" else ""))
     model = strategy.load_actor(args.pretrain, strategy.get_ds_train_config(is_actor=True), args.lora_rank, attn)
     teacher_config = strategy.get_ds_eval_config(offload=args.teacher_offload)
     teacher = strategy.load_actor(args.teacher_model, teacher_config, 0, attn)
@@ -310,8 +325,8 @@ def train(args) -> None:
         if args.lr_scheduler == "cosine_with_min_lr" else {},
     )
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": args.gradient_checkpointing_use_reentrant}
+        model.model.activation_checkpointing_enable(  # transformers' name since 5.23 (the old one warns)
+            activation_checkpointing_kwargs={"use_reentrant": args.gradient_checkpointing_use_reentrant}
         )
     (model, optim, scheduler), teacher = strategy.prepare((model, optim, scheduler), teacher)
     strategy.print(f"timing: optimizer and DeepSpeed engines ready in {lap()}")

@@ -1,9 +1,9 @@
 """The Pos2Distill training loop: OpenRLHF's KDTrainer with our losses and step guards."""
 
 import torch
-from tqdm import tqdm
 
 from pos2distill.errors import UserError
+from pos2distill.progress import progress_bar
 
 from . import flash_attn_fallback
 from .example_sampler import ExampleGroupedSampler
@@ -96,7 +96,7 @@ class Pos2DistillTrainer(KDTrainer):
             sampler = self.train_dataloader.sampler
             if isinstance(sampler, (DistributedSampler, ExampleGroupedSampler)):
                 sampler.set_epoch(epoch, consumed_samples=done * args.train_batch_size)
-            step_bar = tqdm(
+            step_bar = progress_bar(
                 total=steps_per_epoch, initial=done, desc=f"Train epoch {epoch}", disable=not self.strategy.is_rank_0()
             )
             # Stop at the last full optimizer step: a partial accumulation would leak into the next epoch.

@@ -12,6 +12,9 @@ def run_cli(main, argv=None):
 
     ``--debug`` anywhere on the command line shows the full traceback instead.
     """
+    from .progress import quiet_library_bars
+
+    quiet_library_bars()  # before main imports transformers or datasets
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:

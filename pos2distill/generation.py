@@ -417,6 +417,18 @@ def _rows_finished_class():
     return RowsFinished
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_name() -> str:
+    """The name of ``generate``'s KV-cache argument and output field: ``cache`` from transformers
+    5.24 (``past_key_values`` warns there and goes in 6.0); 5.23 knows only ``past_key_values``."""
+    import dataclasses
+
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    names = {field.name for field in dataclasses.fields(GenerateDecoderOnlyOutput)}
+    return "cache" if "cache" in names else "past_key_values"
+
+
 @contextlib.contextmanager
 def _quiet_generation():
     """Silence transformers' advisory warnings about generation flags during our calls."""
@@ -531,7 +543,8 @@ class HFBackend(GenerationBackend):
 
     def _generate_ids(self, token_ids, *, max_new_tokens, temperature, top_p, seed, stop_at_newline, desc):
         import torch
-        from tqdm.auto import tqdm
+
+        from .progress import progress_bar
 
         _check_model_len(token_ids, self.max_model_len)
         order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
@@ -541,7 +554,7 @@ class HFBackend(GenerationBackend):
         new_tokens = 0
         totals = {"batches": 0, "decode_steps": 0, "row_steps": 0, "prompt_tokens": 0, "padded_prompt_tokens": 0}
         devices = [self.device] if self.device.type == "cuda" else []
-        bar = tqdm(total=len(token_ids), desc=desc, unit="prompt", dynamic_ncols=True, disable=not self.show_progress)
+        bar = progress_bar(total=len(token_ids), desc=desc, unit="prompt", dynamic_ncols=True, disable=not self.show_progress)
         try:
             # fork_rng: seeding must not disturb the caller's global RNG stream.
             with torch.random.fork_rng(devices=devices), torch.inference_mode(), _quiet_generation():
@@ -618,7 +631,7 @@ class HFBackend(GenerationBackend):
             segment = copy.deepcopy(config)
             segment.max_new_tokens = budget - produced
             segment.return_dict_in_generate = True
-            out = self.model.generate(input_ids=sequences, attention_mask=mask, past_key_values=cache,
+            out = self.model.generate(input_ids=sequences, attention_mask=mask, **{_cache_name(): cache},
                                       generation_config=segment, stopping_criteria=StoppingCriteriaList([stop]))
             steps = out.sequences.shape[1] - sequences.shape[1]
             produced += steps
@@ -638,7 +651,7 @@ class HFBackend(GenerationBackend):
             index = torch.tensor(keep, device=self.device)
             sequences = out.sequences.index_select(0, index)
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], steps))], dim=1).index_select(0, index)
-            cache = out.past_key_values
+            cache = getattr(out, _cache_name())
             cache.reorder_cache(index)  # the beam-search API: keeps the selected rows
             seen = None if stop.seen_content is None else stop.seen_content.index_select(0, index)
             active = [active[row] for row in keep]

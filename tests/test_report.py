@@ -53,6 +53,27 @@ def test_tables_and_plot_roundtrip(tmp_path):
     json.loads(open(paths[2]).read())
 
 
+
+def test_plot_labels_the_bands_and_keeps_identical_models_apart(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    saved, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), savefig(fig, *a, **k))[1])
+    same = {0: [1, 0, 0], 1: [1, 1, 0], 2: [0, 0, 0]}  # three models with the same scores
+    summaries = [summarize(_records(same), label, 3) for label in ("base", "p2d", "seqkd")]
+    plot_positions(summaries, str(tmp_path / "same.png"))
+    (ax,) = saved[0].axes
+    curves = [line for line in ax.get_lines() if line.get_label() and not line.get_label().startswith("_")]
+    assert len(curves) == 3
+    assert len({line.get_linestyle() for line in curves}) == 3 and len({line.get_marker() for line in curves}) == 3
+    xs = [tuple(line.get_xdata()) for line in curves]
+    assert len(set(xs)) == 3 and all(abs(x[0]) < 0.2 for x in xs)  # shifted apart, still at their position
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert any("95% interval" in text for text in legend)
+    assert "95%" in ax.get_ylabel()
+    assert all(band.get_alpha() <= 0.1 for band in ax.collections)  # light: the others show through
+
+
 def test_missing_summary_is_a_one_line_error(tmp_path):
     missing = str(tmp_path / "summary_20docs.json")
     with pytest.raises(UserError, match="summary_20docs.json: no such file"):

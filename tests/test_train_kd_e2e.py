@@ -270,6 +270,18 @@ def test_train_exits_0_and_saves_a_loadable_changed_model(trained, tiny_model):
     assert config["kd_coef"] == [0.5, 0.5, 0.5, 1.0] and config["param_dtype"] == ("bf16" if CUDA else "fp32")
 
 
+def test_the_log_says_what_runs_and_drops_what_a_user_cannot_act_on(trained):
+    output = trained["output"]
+    assert trained["code"] == 0, output[-3000:]
+    if not CUDA:  # --bf16 --flash_attn asked for; the CPU trains fp32 with SDPA
+        assert "runs: fp32 weights and compute, attention sdpa (--bf16 applies on GPUs only)" in output
+    assert '"bf16": true' not in output and '"flash_attn": true' not in output  # the config dump shows what runs
+    assert json.loads((trained["out"] / "save" / RUN / "kd_args.json").read_text())["attention"]
+    for noise in ("untested optimizer", "FutureWarning", "set_vital", "gradient_checkpointing_enable", "\r"):
+        assert noise not in output, noise
+    assert "Train epoch 0: 3/3" in output or "Train epoch 0: 2/3" in output  # the bar, as lines in a log
+
+
 def test_tensorboard_scalars(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
