@@ -41,6 +41,18 @@ def check_inference(inference: str, backend: str, num_gpus, tensor_parallel_size
         raise UserError("--inference pine runs on one device; use --num_gpus 0 or 1")
 
 
+def resolve_inference(args) -> None:
+    """Check ``--inference`` before anything else; PINE makes ``--backend auto`` mean hf."""
+    check_inference(args.inference, args.backend, args.num_gpus, args.tensor_parallel_size)
+    if args.inference == "pine":
+        args.backend = "hf"
+
+
+def inference_config(args) -> dict:
+    """For a resumable output's configuration: empty for plain inference (older outputs still match)."""
+    return {} if args.inference == "plain" else {"inference": args.inference}
+
+
 def open_backend(inference: str, name: str, model: str, **kwargs):
     """``make_backend`` for ``plain``; a ``PineBackend`` (hf, one device) for ``pine``."""
     if inference == "plain":
