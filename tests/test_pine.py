@@ -53,12 +53,12 @@ def pieces(tokenizer, n_docs, seed=0, question="who wrote it?"):
 
 
 def rope(x, pos, theta):
-    """Rotary embedding of one vector x [d] at position pos (rotate-half convention)."""
+    """Rotary embedding of vectors x [n, d] at positions pos [n] (rotate-half convention)."""
     d = x.shape[-1]
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    angle = pos * inv
-    cos, sin = torch.cat([angle.cos(), angle.cos()]).float(), torch.cat([angle.sin(), angle.sin()]).float()
-    rotated = torch.cat([-x[d // 2:], x[: d // 2]])
+    angle = torch.as_tensor(pos, dtype=torch.float64)[:, None] * inv
+    cos, sin = torch.cat([angle.cos(), angle.cos()], -1).float(), torch.cat([angle.sin(), angle.sin()], -1).float()
+    rotated = torch.cat([-x[:, d // 2:], x[:, : d // 2]], -1)
     return x * cos + rotated * sin
 
 
@@ -97,7 +97,7 @@ def reference_logits(model, prefix, docs, suffix):
             kh = h // group
 
             def probs(t, allowed):  # softmax of un-rotated scores over the allowed doc tokens
-                s = torch.tensor([float(q[t, h] @ k[s_, kh]) / math.sqrt(d) for s_ in allowed])
+                s = k[allowed, kh] @ q[t, h] / math.sqrt(d)
                 return dict(zip(allowed, torch.softmax(s, 0).tolist()))
 
             doc_importance = {}
@@ -122,10 +122,10 @@ def reference_logits(model, prefix, docs, suffix):
                 shift = {j: sum(lens[r] for r in ranking[: ranking.index(j)]) for j in range(len(docs))}
                 key_pos = [base[s] - (shift[doc_of[s]] if kind[s] == "d" else 0) for s in range(len(tokens))]
                 visible = [s for s in range(len(tokens)) if key_pos[s] <= base[t]]
-                qt = rope(q[t, h], base[t], theta)
-                scores = torch.stack([qt @ rope(k[s, kh], key_pos[s], theta) for s in visible]) / math.sqrt(d)
-                weights = torch.softmax(scores, 0)
-                out[t, h] = sum(w * v[s, kh] for w, s in zip(weights, visible))
+                qt = rope(q[t, h][None], [base[t]], theta)[0]
+                keys = rope(k[visible, kh], [key_pos[s] for s in visible], theta)  # this query's key positions
+                weights = torch.softmax(keys @ qt / math.sqrt(d), 0)
+                out[t, h] = weights @ v[visible, kh]
         hidden = hidden + attn.o_proj(out.reshape(len(tokens), -1))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return model.lm_head(model.model.norm(hidden[-1]))
