@@ -16,7 +16,8 @@ from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_na
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.formats import load_examples
-from pos2distill.generation import data_parallel_config, make_backend
+from pos2distill.generation import data_parallel_config
+from pos2distill.pine import inference_config, open_backend, resolve_inference
 from pos2distill.models import model_name, resolve_model
 from pos2distill.position_eval import evaluate_positions
 from pos2distill.positions import parse_positions
@@ -65,7 +66,7 @@ def warn_training_overlap(train_dataset: str, examples) -> None:
 def evaluate_model(args, model_path, label, examples, example_ids, positions, dataset, backend_name, instruction):
     out_dir = os.path.join(args.output_path, dataset, label)
     predictions_path = os.path.join(out_dir, f"predictions_{args.total_doc}docs.jsonl.gz")
-    compact = args.compact_finished and backend_name == "hf"  # vLLM schedules rows itself
+    compact = args.compact_finished and backend_name == "hf" and args.inference == "plain"  # vLLM, PINE: not used
     # Everything that changes the predictions; any change starts the chunks (one per position) over.
     config = {
         "stage": "eval", "model": model_path, "input": file_identity(args.input_path), "total_doc": args.total_doc,
@@ -73,14 +74,14 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
         "max_new_tokens": args.max_new_tokens, "stop_at_newline": not args.no_stop_at_newline,
         "backend": backend_name, "batch_size": args.batch_size,
         "positions_per_call": args.positions_per_call, "compact_finished": compact,
-        **data_parallel_config(backend_name, args.num_gpus), **precision_config(args),
+        **data_parallel_config(backend_name, args.num_gpus), **precision_config(args), **inference_config(args),
     }
     output = ChunkedOutput(predictions_path, config)
     stats = {"generated": 0, "seconds": 0.0}
     if output.complete:
         print(f"== {label}: {predictions_path} is already complete with these arguments; reusing it")
     else:
-        with make_backend(args.backend, model_path, num_gpus=args.num_gpus,
+        with open_backend(args.inference, args.backend, model_path, num_gpus=args.num_gpus,
                           tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size,
                           max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed,
                           need_chat_template=True, dtype=args.dtype, tf32=args.tf32, compact_finished=compact) as backend:
@@ -105,6 +106,7 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
 def main(argv):
     args = parse_args(argv)
     # Flags first: a typo must not surface after the first model's evaluation.
+    resolve_inference(args)
     backend_name, instruction = check_model_flags(args)
     require_at_least(args, {"--total_doc": 1, "--positions_per_call": 1})
     if args.sample_num == 0 or args.sample_num < -1:

@@ -21,7 +21,8 @@ from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_na
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.formats import example_to_raw, load_examples
-from pos2distill.generation import data_parallel_config, make_backend
+from pos2distill.generation import data_parallel_config
+from pos2distill.pine import inference_config, open_backend, resolve_inference
 from pos2distill.jsonl import write_text_atomic
 from pos2distill.metrics import score_prediction
 from pos2distill.models import model_name, resolve_model
@@ -108,6 +109,7 @@ def stage1_record(item, answer: str, instruction: str, model: str) -> dict:
 def main(argv):
     args = parse_args(argv)
     # Flags first: a typo must not cost a model load or a long probe.
+    resolve_inference(args)
     backend_name, instruction = check_model_flags(args)
     require_at_least(args, {"--total_doc": 1, "--limit": 1, "--chunk_size": 1, "--probe_num": 1, "--eval_holdout": 0})
     auto = args.gold_doc.strip().lower() == "auto"
@@ -128,7 +130,7 @@ def main(argv):
     def get_backend():
         nonlocal backend
         if backend is None:
-            backend = make_backend(args.backend, model_path, num_gpus=args.num_gpus,
+            backend = open_backend(args.inference, args.backend, model_path, num_gpus=args.num_gpus,
                                    tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size,
                                    max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed,
                                    need_chat_template=True, dtype=args.dtype, tf32=args.tf32)
@@ -147,6 +149,7 @@ def main(argv):
             "max_new_tokens": args.max_new_tokens, "instruction": instruction, "limit": args.limit,
             "chunk_size": args.chunk_size, "full_answers": args.full_answers, "backend": backend_name,
             "batch_size": args.batch_size, **data_parallel_config(backend_name, args.num_gpus), **precision_config(args),
+            **inference_config(args),
         }
         output = ChunkedOutput(path, config)
         reused = output.complete

@@ -29,6 +29,9 @@ def add_model_flags(parser: argparse.ArgumentParser, several_models: bool = Fals
     parser.add_argument("--max-prompt-length", dest="max_prompt_length", type=int, default=32768,
                         help="longest prompt in tokens; longer prompts are an error, never truncated")
     parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=100, help="longest answer in tokens")
+    parser.add_argument("--inference", default="plain",
+                        help="plain | pine (PINE: documents attend bidirectionally, positions re-assigned by "
+                             "importance, order-invariant; hf backend, Llama/Qwen2, QA prompts; docs/pine.md)")
     parser.add_argument("--instruction", default="reference", help="reference (the R1 prompt, typo kept) | corrected")
     parser.add_argument("--seed", type=int, default=42, help="seeds prompts' distractor order and sampling")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

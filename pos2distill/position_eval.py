@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .errors import UserError
 from .metrics import first_line, score_prediction
 from .positions import example_rng, place_gold, shuffled
-from .prompting import R1_INSTRUCTION, chat_prompt, user_message
+from .prompting import R1_INSTRUCTION, segmented_chat_prompt
 from .records import Example
 from .resumable import ChunkedOutput
 
@@ -37,7 +37,7 @@ def prompt_examples(tokenizer, examples, example_ids, position, seed, instructio
     out = []
     for example_id, example in zip(example_ids, examples):
         distractors, documents = arrange(example, example_id, position, seed)
-        prompt = chat_prompt(tokenizer, user_message(example, documents, instruction))
+        prompt = segmented_chat_prompt(tokenizer, example, documents, instruction)  # a str (pieces for PINE)
         out.append(PromptedExample(example_id, example, position, distractors, documents, prompt))
     return out
 

@@ -23,9 +23,13 @@ INSTRUCTIONS = {"reference": R1_INSTRUCTION, "corrected": CORRECTED_INSTRUCTION}
 KV_INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
 
 
+def qa_document(doc: Document) -> str:
+    return f"- Title: {doc.title}\n{doc.text}\n"
+
+
 def qa_user_message(question: str, documents: Sequence[Document], instruction: str = R1_INSTRUCTION) -> str:
     """``{instruction}\\n{context}\\nQuestion: {question}\\n``, context = ``- Title: t\\ntext\\n`` per document."""
-    context = "".join(f"- Title: {doc.title}\n{doc.text}\n" for doc in documents)
+    context = "".join(qa_document(doc) for doc in documents)
     return f"{instruction}\n{context}\nQuestion: {question}\n"
 
 
@@ -64,3 +68,35 @@ def chat_prompt(tokenizer, message: str) -> str:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
     )
+
+
+class SegmentedPrompt(str):
+    """A chat-templated prompt that also knows its pieces, ``segments`` = (prefix, document 1,
+    ..., document k, suffix), which concatenate to the string. ``--inference pine`` tokenizes
+    the pieces one by one; everything else sees a plain ``str``."""
+
+    def __new__(cls, segments):
+        prompt = super().__new__(cls, "".join(segments))
+        prompt.segments = tuple(segments)
+        return prompt
+
+    def __reduce__(self):
+        return (SegmentedPrompt, (self.segments,))
+
+
+def segmented_chat_prompt(tokenizer, example: Example, documents: Sequence[Document],
+                          instruction: str = R1_INSTRUCTION) -> str:
+    """``chat_prompt`` of ``user_message``; for a QA prompt a ``SegmentedPrompt`` (the same text).
+
+    KV prompts stay plain strings: their pairs are joined by separators, so a pair's text
+    depends on its place. So does a QA prompt whose template rewrites the documents' text.
+    """
+    prompt = chat_prompt(tokenizer, user_message(example, documents, instruction))
+    if example.kind == "kv":
+        return prompt
+    pieces = [qa_document(doc) for doc in documents]
+    context = "".join(pieces)
+    start = prompt.find(context)
+    if start < 0 or not pieces:
+        return prompt
+    return SegmentedPrompt([prompt[:start], *pieces, prompt[start + len(context):]])
