@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from pos2distill.errors import UserError, run_cli
+from pos2distill.names import check_names
 from pos2distill.report import load_summaries, plot_positions, to_console, write_summaries
 
 
@@ -19,6 +20,7 @@ def main(argv):
     parser.add_argument("--title", default="")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    check_names(args, "--label")  # labels are table rows and plot legends: plain names, as in stage 4
     summaries = []
     for path in args.summaries:
         summaries.extend(load_summaries(path))  # a missing file is a one-line error there
