@@ -14,6 +14,7 @@ import sys
 
 from pos2distill.errors import run_cli
 from pos2distill.jsonl import read_jsonl, write_text_atomic
+from pos2distill.names import check_names
 from pos2distill.paired import compare_runs, comparison_table
 
 
@@ -25,6 +26,7 @@ def main(argv):
     parser.add_argument("--output", default=None, help="write OUTPUT.md and OUTPUT.json")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    check_names(args, "--label")  # table headers, plain names as in stage 4
     # read_jsonl reports a missing file or a bad line in one line itself
     result = compare_runs(read_jsonl(args.run_a), read_jsonl(args.run_b), *args.label)
     table = comparison_table(result)

@@ -50,8 +50,8 @@ def set_table(out: str, evalset, labels, paper=None) -> tuple[list[str], dict]:
         published = (paper or {}).get("rows", {}).get(row, {})
         lines.append(f"| {row} | {len(have)}/{len(summaries)} | " + " | ".join(cells) + f" | {_fmt(avg, sd)} | "
                      f"{_fmt(gap)} |" + (f" {_fmt(published.get('average'))} |" if paper else ""))
-        if published.get("positions"):
-            at = {total - 1 if p == "last" else p: v for p, v in published["positions"].items()}
+        at = {total - 1 if p == "last" else p: v for p, v in published.get("positions", {}).items()}
+        if at and set(at) <= set(positions):  # only where the paper's positions were evaluated
             lines.append(f"| {row} (paper) | | " + " | ".join(_fmt(at.get(p)) for p in positions)
                          + f" | {_fmt(published.get('average'))} | | |")
     changes = []

@@ -112,6 +112,7 @@ CASES = [
     (os.path.join("kd", "train_kd.py"), "--dataset_name", ["--dataset", "d", "--pretrain", "m"], "--save_path"),
     (os.path.join("kd", "train_kd.py"), "--wandb_run_name", ["--dataset", "d", "--pretrain", "m"], "--save_path"),
     ("plot_positions.py", "--label", ["{d}/summary.json"], "--output"),
+    ("compare_predictions.py", "--label", ["{d}/nq.jsonl.gz", "{d}/nq.jsonl.gz"], "--output"),
 ]
 
 
@@ -122,7 +123,8 @@ def test_every_name_flag_refuses_paths(tmp_path, capsys, inputs, script, flag, o
     # --model is a path by design: its name (last component) is what must be plain
     value = {"../escape": "..", "/tmp/abs-name": "/", "..": "models/.."}[bad] if flag == "--model" else bad
     out = tmp_path / "out"
-    argv = [a.format(d=inputs) for a in others] + [flag, value, out_flag, str(out / "x.png")]
+    values = [value, "b"] if script == "compare_predictions.py" else [value]  # --label A B
+    argv = [a.format(d=inputs) for a in others] + [flag, *values, out_flag, str(out / "x.png")]
     with pytest.raises(SystemExit) as stop:
         run_cli(main, argv)
     err = capsys.readouterr().err
