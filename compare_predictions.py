@@ -14,6 +14,7 @@ import sys
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import run_cli
 from pos2distill.jsonl import read_jsonl, write_text_atomic
+from pos2distill.names import check_names
 from pos2distill.paired import compare_runs, comparison_table
 
 
@@ -29,6 +30,7 @@ def build_parser():
 
 def main(argv):
     args = build_parser().parse_args(argv)
+    check_names(args, "--label")  # table headers, plain names as in stage 4
     # read_jsonl reports a missing file or a bad line in one line itself
     result = compare_runs(read_jsonl(args.run_a), read_jsonl(args.run_b), *args.label)
     table = comparison_table(result)

@@ -19,7 +19,8 @@ from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.jsonl import iter_jsonl, remove_stale_temporaries, replace_dir, temporary_name, write_text_atomic
 from pos2distill.metrics import score_prediction
-from pos2distill.pairs import build_rows, dataset_dir_name, position_counts, select_correct
+from pos2distill.names import check_names, dataset_name, stage1_file
+from pos2distill.pairs import build_rows, position_counts, select_correct
 
 
 def build_parser():
@@ -48,7 +49,7 @@ def parse_args(argv):
 def find_stage1_file(args) -> str:
     if args.input_path:
         return args.input_path
-    pattern = os.path.join(args.raw_data_dir, args.dataset_name, f"{args.model_name}_{args.total_doc}docs_*.jsonl.gz")
+    pattern = stage1_file(args.raw_data_dir, args.dataset_name, args.model_name, args.total_doc, "*")
     matches = sorted(glob.glob(pattern))
     if len(matches) != 1:
         found = "none" if not matches else ", ".join(matches)
@@ -76,6 +77,7 @@ def save_dataset(rows: list[dict], path: str) -> None:
 
 def main(argv):
     args = parse_args(argv)
+    check_names(args, "--model_name", "--dataset_name")
     source = find_stage1_file(args)
     records = [(f"{source}:{line}", record) for line, record in iter_jsonl(source)]
     kept = select_correct(records, args.example_num, args.total_doc, require_correct=not args.no_filter)
@@ -83,7 +85,7 @@ def main(argv):
     rows = build_rows(kept, args.total_doc, args.position_sample_num, args.strengthen, args.seed)
     if not rows:
         raise UserError("no rows to write (K = 0 and --strengthen 0?)")
-    name = dataset_dir_name(args.model_name, args.total_doc, args.position_sample_num, args.strengthen, len(kept),
+    name = dataset_name(args.model_name, args.total_doc, args.position_sample_num, args.strengthen, len(kept),
                             filtered=not args.no_filter)
     path = os.path.join(args.output_dir, name)
     os.makedirs(args.output_dir, exist_ok=True)

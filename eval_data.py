@@ -8,7 +8,6 @@ JSON) with 95% confidence intervals, average and gap, and a PNG plot that
 overlays all models given.
 """
 
-import os
 import sys
 
 from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_name_from_path, precision_config,
@@ -18,7 +17,9 @@ from pos2distill.errors import UserError, run_cli
 from pos2distill.formats import load_examples
 from pos2distill.generation import data_parallel_config
 from pos2distill.pine import inference_config, open_backend, resolve_inference
-from pos2distill.models import model_name, resolve_model
+from pos2distill.models import resolve_model
+from pos2distill.names import (check_name, check_names, eval_dir, model_name, overlay_prefix, predictions_file,
+                               summary_prefix)
 from pos2distill.position_eval import evaluate_positions
 from pos2distill.positions import parse_positions
 from pos2distill.report import plot_positions, summarize, to_console, write_summaries
@@ -64,8 +65,8 @@ def warn_training_overlap(train_dataset: str, examples) -> None:
 
 
 def evaluate_model(args, model_path, label, examples, example_ids, positions, dataset, backend_name, instruction):
-    out_dir = os.path.join(args.output_path, dataset, label)
-    predictions_path = os.path.join(out_dir, f"predictions_{args.total_doc}docs.jsonl.gz")
+    out_dir = eval_dir(args.output_path, dataset, label)
+    predictions_path = predictions_file(out_dir, args.total_doc)
     compact = args.compact_finished and backend_name == "hf" and args.inference == "plain"  # vLLM, PINE: not used
     # Everything that changes the predictions; any change starts the chunks (one per position) over.
     config = {
@@ -97,7 +98,7 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
     rate = stats["generated"] / stats["seconds"] if stats["generated"] else None
     summary.update({"model": model_path, "generated_prompts": stats["generated"],
                     "generation_seconds": round(stats["seconds"], 1), "prompts_per_s": round(rate, 2) if rate else None})
-    write_summaries([summary], os.path.join(out_dir, f"summary_{args.total_doc}docs"))
+    write_summaries([summary], summary_prefix(out_dir, args.total_doc))
     done = f"{stats['generated']} prompts generated in {stats['seconds']:.1f} s ({rate:.1f} prompts/s)" if rate else "all resumed"
     print(f"{label}: {len(records)} predictions ({done}); predictions in {predictions_path}")
     return summary
@@ -105,6 +106,7 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
 
 def main(argv):
     args = parse_args(argv)
+    check_names(args, "--dataset_name", "--label")
     # Flags first: a typo must not surface after the first model's evaluation.
     resolve_inference(args)
     backend_name, instruction = check_model_flags(args)
@@ -113,7 +115,7 @@ def main(argv):
         raise UserError(f"--sample_num must be -1 (all) or at least 1, got {args.sample_num}")
     positions = parse_positions(args.positions, args.total_doc, "--positions")
     models = args.model
-    labels = args.label or [model_name(m) for m in models]
+    labels = args.label or [check_name(model_name(m), "--model (its name, the default --label)") for m in models]
     if len(labels) != len(models):
         raise UserError(f"--label gives {len(labels)} labels for {len(models)} models")
     if len(set(labels)) != len(labels):
@@ -132,8 +134,7 @@ def main(argv):
         evaluate_model(args, path, label, examples, example_ids, positions, dataset, backend_name, instruction)
         for path, label in zip(model_paths, labels)
     ]
-    out_dir = os.path.join(args.output_path, dataset)
-    prefix = os.path.join(out_dir, f"positions_{args.total_doc}docs_" + "_vs_".join(labels))
+    prefix = overlay_prefix(args.output_path, dataset, args.total_doc, labels)
     tables = write_summaries(summaries, prefix)
     plot = plot_positions(summaries, prefix + ".png",
                           title=f"{dataset}, {args.total_doc} documents, last {len(examples)} examples")

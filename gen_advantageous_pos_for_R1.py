@@ -25,7 +25,8 @@ from pos2distill.generation import data_parallel_config
 from pos2distill.pine import inference_config, open_backend, resolve_inference
 from pos2distill.jsonl import write_text_atomic
 from pos2distill.metrics import score_prediction
-from pos2distill.models import model_name, resolve_model
+from pos2distill.models import resolve_model
+from pos2distill.names import check_name, check_names, model_name, stage1_file, stage1_summary
 from pos2distill.position_eval import check_prompt_lengths, evaluate_positions, prompt_examples
 from pos2distill.positions import parse_position, parse_positions
 from pos2distill.report import summarize, to_console
@@ -87,7 +88,7 @@ def choose_advantageous_position(args, backend, examples, instruction) -> tuple[
 def output_file(args, dataset: str, model: str, position: int) -> str:
     if args.output_path.endswith((".jsonl", ".jsonl.gz")):
         return args.output_path
-    return os.path.join(args.output_path, dataset, f"{model}_{args.total_doc}docs_{position}.jsonl.gz")
+    return stage1_file(args.output_path, dataset, model, args.total_doc, position)
 
 
 def stage1_record(item, answer: str, instruction: str, model: str) -> dict:
@@ -108,6 +109,7 @@ def stage1_record(item, answer: str, instruction: str, model: str) -> dict:
 
 def main(argv):
     args = parse_args(argv)
+    check_names(args, "--dataset_name")
     # Flags first: a typo must not cost a model load or a long probe.
     resolve_inference(args)
     backend_name, instruction = check_model_flags(args)
@@ -122,8 +124,8 @@ def main(argv):
     examples = load_examples(args.input_path, total_doc=args.total_doc)
     if not examples:
         raise UserError(f"{args.input_path}: no examples")
+    name = check_name(model_name(args.model), "--model (its name in the output file)")
     model_path = resolve_model(args.model)
-    name = model_name(args.model)
 
     backend = None
 
@@ -185,7 +187,7 @@ def main(argv):
         "generated_now": generated, "seconds": round(seconds, 1),
         "prompts_per_s": round(generated / seconds, 2) if generated else None, "config": config, "probe": probe,
     }
-    summary_path = path[: -len(".jsonl.gz")] + ".summary.json" if path.endswith(".jsonl.gz") else path + ".summary.json"
+    summary_path = stage1_summary(path)
     if not (reused and os.path.exists(summary_path)):  # keep the throughput of the run that did the work
         write_text_atomic(summary_path, json.dumps(stats, indent=1, default=str))
     rate = f", {generated / seconds:.1f} prompts/s" if generated else ""

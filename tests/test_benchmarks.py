@@ -252,35 +252,6 @@ def test_bench_train_compiles_each_decoder_layer(tiny_model):
         bench.compile_decoder_layers(torch.nn.Linear(2, 2))
 
 
-def _summary(label, accuracy):
-    positions = list(range(len(accuracy)))
-    return {"label": label, "total_docs": len(accuracy), "positions": positions, "n": {p: 10 for p in positions},
-            "accuracy": dict(zip(positions, accuracy)), "ci95": {p: [0.0, 100.0] for p in positions},
-            "average": sum(accuracy) / len(accuracy), "gap": max(accuracy) - min(accuracy)}
-
-
-def test_summarize_generalization_table(tmp_path):
-    summarize = _load_benchmark("summarize_generalization")
-    for k, base, trained in ((3, [60.0, 30.0, 40.0], [55.0, 45.0, 50.0]), (4, [50.0, 50.0, 50.0, 50.0], [60.0] * 4)):
-        (tmp_path / f"base_nq_summary_{k}docs.json").write_text(json.dumps([_summary("base", base)]))
-        (tmp_path / f"p2d_nq_summary_{k}docs.json").write_text(json.dumps([_summary("p2d", trained)]))
-    summarize.main(["--out_dir", str(tmp_path), "--checkpoint", "p2d", "--dataset", "nq", "3", "4"])
-    rows = json.loads((tmp_path / "generalization_nq.json").read_text())["rows"]
-    # 3 documents: base avg 43.33, gap 30; trained avg 50, gap 10 -> ratio 1/3, change +6.67
-    assert rows[0]["gap_ratio"] == pytest.approx(1 / 3) and rows[0]["average_change"] == pytest.approx(20 / 3)
-    # 4 documents: base gap 0 -> no ratio
-    assert rows[1]["gap_ratio"] is None and rows[1]["average_change"] == pytest.approx(10.0)
-    table = (tmp_path / "generalization_nq.md").read_text()
-    assert "| 3 | 3 | 43.3 | 30.0 | 50.0 | 10.0 | 0.33 | +6.7 |" in table and "| n/a |" in table
-
-    with pytest.raises(UserError, match="p2d_nq_summary_5docs.json is missing"):
-        (tmp_path / "base_nq_summary_5docs.json").write_text(json.dumps([_summary("base", [1.0] * 5)]))
-        summarize.main(["--out_dir", str(tmp_path), "--checkpoint", "p2d", "--dataset", "nq", "5"])
-    (tmp_path / "p2d_nq_summary_5docs.json").write_text(json.dumps([_summary("p2d", [1.0] * 4)]))
-    with pytest.raises(UserError, match="different positions"):
-        summarize.main(["--out_dir", str(tmp_path), "--checkpoint", "p2d", "--dataset", "nq", "5"])
-
-
 def test_profile_sorts_kernels_by_kind():
     from types import SimpleNamespace
 

@@ -1,7 +1,8 @@
 import pytest
 
 from pos2distill.errors import UserError
-from pos2distill.models import model_name, resolve_model
+from pos2distill.models import resolve_model
+from pos2distill.names import model_name
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ import pytest
 
 from pos2distill.errors import UserError
 from pos2distill.jsonl import write_jsonl
-from pos2distill.pairs import build_rows, dataset_dir_name, position_counts, select_correct
+from pos2distill.names import dataset_name
+from pos2distill.pairs import build_rows, position_counts, select_correct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 6
@@ -44,7 +45,7 @@ def test_filter_keeps_first_correct_in_order():
 def test_unfiltered_control_keeps_first_whatever_the_answer():
     kept = select_correct(records(10, wrong={1, 3}), 4, TOTAL, require_correct=False)
     assert [r["example_id"] for _, r in kept] == [0, 1, 2, 3]
-    assert dataset_dir_name("m", 20, 4, 1, 400, filtered=False) == "m_20total_docs_nofilter_4random_1strengthen_400"
+    assert dataset_name("m", 20, 4, 1, 400, filtered=False) == "m_20total_docs_nofilter_4random_1strengthen_400"
     with pytest.raises(UserError, match="only 10 of 10 examples are in the stage-1 file"):
         select_correct(records(10), 11, TOTAL, require_correct=False)
 
@@ -91,7 +92,7 @@ def test_too_many_trivial_positions():
 
 
 def test_reference_dataset_name():
-    assert dataset_dir_name("Mistral-7B-Instruct-v0.3", 20, 4, 1, 400) == (
+    assert dataset_name("Mistral-7B-Instruct-v0.3", 20, 4, 1, 400) == (
         "Mistral-7B-Instruct-v0.3_20total_docs_filter_4random_1strengthen_400"
     )
 
@@ -115,21 +116,21 @@ def test_create_datasets_cli_is_byte_identical_across_runs(tmp_path):
                "--position_sample_num", "2", "--example_num", "5"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        name = dataset_dir_name("m", TOTAL, 2, 1, 5)
+        name = dataset_name("m", TOTAL, 2, 1, 5)
         assert os.path.exists(out / f"{name}.position_counts.json")
         digests.append(_tree_digest(out / name))
     assert digests[0] == digests[1]
 
     from datasets import load_from_disk
 
-    dataset = load_from_disk(str(tmp_path / "a" / dataset_dir_name("m", TOTAL, 2, 1, 5)))
+    dataset = load_from_disk(str(tmp_path / "a" / dataset_name("m", TOTAL, 2, 1, 5)))
     assert len(dataset) == 15 and set(dataset.column_names) >= {"question", "documents", "gold_idx", "is_anchor"}
 
     # --no_filter: the first 5 examples, the wrong one (#2) among them, under a "nofilter" name
     done = subprocess.run(cmd + ["--no_filter"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "kept 5 examples, 4 with a correct answer" in done.stdout
-    name = dataset_dir_name("m", TOTAL, 2, 1, 5, filtered=False)
+    name = dataset_name("m", TOTAL, 2, 1, 5, filtered=False)
     stats = json.loads((out / f"{name}.position_counts.json").read_text())
     assert stats["filtered"] is False and stats["kept_correct"] == 4
     assert sorted(set(load_from_disk(str(out / name))["example_id"])) == [0, 1, 2, 3, 4]
@@ -143,4 +144,4 @@ def test_create_datasets_cli_error_is_one_line(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip() == "error: only 2 of 3 examples pass the filter (correct oracle answer); lower --example_num (asked for 5)"
-    assert not os.path.exists(tmp_path / "out" / dataset_dir_name("m", TOTAL, 4, 1, 5))
+    assert not os.path.exists(tmp_path / "out" / dataset_name("m", TOTAL, 4, 1, 5))

@@ -1,0 +1,122 @@
+"""pos2distill.lanes: the scheduler with fake GPUs and fake steps (no real work), and the
+done-markers that let a run resume."""
+
+import json
+
+import pytest
+
+from pos2distill.errors import UserError
+from pos2distill.lanes import Step, finished_steps, mark_done, run_steps
+
+
+class FakeRun:
+    """A step that 'runs' for ``ticks`` polls and exits with ``rc``; records GPU use per tick."""
+
+    def __init__(self, world, step, gpus):
+        self.world, self.step, self.gpus = world, step, gpus
+        self.left = world["ticks"].get(step.id, 2)
+        world["started"].append((step.id, tuple(gpus), list(world["finished"])))
+
+    def poll(self):
+        busy = [g for run in self.world["running"] for g in run.gpus]
+        assert len(busy) == len(set(busy)) or self.world["shared"], f"a GPU runs two steps: {busy}"
+        self.world["most_busy"] = max(self.world["most_busy"], len(busy))
+        self.left -= 1
+        if self.left > 0:
+            return None
+        self.world["running"].remove(self)
+        self.world["finished"].append(self.step.id)
+        return self.world["rc"].get(self.step.id, 0)
+
+    def terminate(self):
+        self.world["terminated"].append(self.step.id)
+
+
+def fake_world(ticks=None, rc=None):
+    world = {"ticks": ticks or {}, "rc": rc or {}, "started": [], "finished": [], "running": [], "terminated": [],
+             "shared": False, "most_busy": 0}
+
+    def launch(step, gpus):
+        run = FakeRun(world, step, gpus)
+        world["running"].append(run)
+        return run
+
+    return world, launch
+
+
+def experiment(rows=("a", "b", "c")):
+    steps = [Step("stage1", ["x"], gpus=1), Step("eval-base", ["x"], gpus=1)]
+    for row in rows:
+        steps += [Step(f"train-{row}", ["x"], gpus=1, needs=("stage1",)),
+                  Step(f"eval-{row}", ["x"], gpus=1, needs=(f"train-{row}",)),
+                  Step(f"compare-{row}", ["x"], needs=("eval-base", f"eval-{row}"))]
+    return steps
+
+
+def test_steps_spread_over_gpus_after_what_they_need():
+    world, launch = fake_world(ticks={"stage1": 3, "train-a": 5})
+    status = run_steps(experiment(), ["0", "1", "2"], launch, poll_s=0, log=lambda _: None)
+    assert set(status.values()) == {"ok"} and len(status) == 11
+    started = {sid: (gpus, before) for sid, gpus, before in world["started"]}
+    assert [s for s, _, _ in world["started"]].count("stage1") == 1  # stage 1 once
+    for sid, (gpus, before) in started.items():
+        step = next(s for s in experiment() if s.id == sid)
+        assert set(step.needs) <= set(before), (sid, before)  # only after what it needs
+        assert len(gpus) == step.gpus
+    # the base evaluation does not wait for stage 1: both start at once on two GPUs
+    assert started["stage1"][0] != started["eval-base"][0] and started["eval-base"][1] == []
+    # all three GPUs were used
+    assert len({g for g, _ in started.values() for g in g}) == 3
+
+
+def test_a_failed_step_skips_what_needs_it_only():
+    world, launch = fake_world(rc={"train-b": 1})
+    status = run_steps(experiment(), ["0"], launch, poll_s=0, log=lambda _: None)
+    assert status["train-b"] == "failed"
+    assert status["eval-b"] == "skipped" and status["compare-b"] == "skipped"
+    assert status["compare-a"] == status["compare-c"] == "ok"
+
+
+def test_done_steps_are_not_run_and_multi_gpu_steps_wait_for_enough_gpus():
+    world, launch = fake_world()
+    steps = experiment() + [Step("wide", ["x"], gpus=2, needs=("stage1",))]
+    status = run_steps(steps, ["0", "1"], launch, done={"stage1", "train-a"}, poll_s=0, log=lambda _: None)
+    assert status["stage1"] == "done" and "stage1" not in [s for s, _, _ in world["started"]]
+    [(_, gpus, _)] = [s for s in world["started"] if s[0] == "wide"]
+    assert sorted(gpus) == ["0", "1"]
+    # an id given twice is two lanes on one device
+    world, launch = fake_world()
+    world["shared"] = True
+    status = run_steps(experiment(), ["cpu", "cpu"], launch, poll_s=0, log=lambda _: None)
+    assert set(status.values()) == {"ok"} and world["most_busy"] == 2
+    with pytest.raises(UserError, match="needs 2 GPU"):
+        run_steps([Step("wide", ["x"], gpus=2)], ["cpu"], launch, poll_s=0)
+
+
+def test_stopping_terminates_running_steps():
+    world, launch = fake_world(ticks={"stage1": 10**6})
+
+    def log(line):
+        if line.startswith("start eval-base"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_steps(experiment(), ["0", "1"], launch, poll_s=0, log=log)
+    assert world["terminated"] == ["stage1"]
+
+
+def test_markers_skip_same_config_and_refuse_a_changed_one(tmp_path):
+    out, root = tmp_path / "out", tmp_path / "repo"
+    output = out / "result.json"
+    step = Step("eval-base", ["python", "eval_data.py", "--output-path", str(out / "evaluate")], gpus=1,
+                outputs=(str(output),), env={"LR": "1e-5"})
+    assert finished_steps([step], str(out), str(root)) == set()
+    mark_done(step, str(out), str(root), 1.0)
+    saved = json.loads((out / "steps" / "eval-base.json").read_text())
+    assert saved["config"]["argv"][-1] == "{out}/evaluate"  # recorded relative to the output folder
+    assert finished_steps([step], str(out), str(root)) == set()  # its output is gone: run again
+    output.write_text("{}")
+    assert finished_steps([step], str(out), str(root)) == {"eval-base"}
+    changed = Step(step.id, step.argv, gpus=1, outputs=step.outputs, env={"LR": "3e-6"})
+    with pytest.raises(UserError, match=r"eval-base \(env\)"):
+        finished_steps([changed], str(out), str(root))
