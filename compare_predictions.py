@@ -14,9 +14,11 @@ import sys
 
 from pos2distill.errors import run_cli
 from pos2distill.jsonl import read_jsonl, write_text_atomic
+from pos2distill.output_guard import claim_output, refuse_output_is_input, releasing_locks
 from pos2distill.paired import compare_runs, comparison_table
 
 
+@releasing_locks
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_a", help="predictions_{k}docs.jsonl.gz of the reference run (e.g. base)")
@@ -25,6 +27,10 @@ def main(argv):
     parser.add_argument("--output", default=None, help="write OUTPUT.md and OUTPUT.json")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    if args.output:
+        refuse_output_is_input({"--output (its .md)": args.output + ".md", "--output (its .json)": args.output + ".json"},
+                               {"run_a": args.run_a, "run_b": args.run_b})
+        claim_output(args.output + ".md", flag="--output")
     # read_jsonl reports a missing file or a bad line in one line itself
     result = compare_runs(read_jsonl(args.run_a), read_jsonl(args.run_b), *args.label)
     table = comparison_table(result)

@@ -15,9 +15,11 @@ import sys
 from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_name_from_path, precision_config,
                                   require_at_least)
 from pos2distill.errors import UserError, run_cli
+from pos2distill.flag_types import harden_numbers
 from pos2distill.formats import load_examples
 from pos2distill.generation import data_parallel_config, make_backend
 from pos2distill.models import model_name, resolve_model
+from pos2distill.output_guard import claim_output, fit_name, releasing_locks
 from pos2distill.position_eval import evaluate_positions
 from pos2distill.positions import parse_positions
 from pos2distill.report import plot_positions, summarize, to_console, write_summaries
@@ -46,7 +48,7 @@ def parse_args(argv):
                         help="HF backend: finished rows leave the batch (greedy; same outputs up to bf16 "
                              "rounding; docs/performance.md); ignored by vLLM")
     add_model_flags(parser, several_models=True)
-    return parser.parse_args(argv)
+    return harden_numbers(parser).parse_args(argv)
 
 
 def warn_training_overlap(train_dataset: str, examples) -> None:
@@ -58,8 +60,18 @@ def warn_training_overlap(train_dataset: str, examples) -> None:
         print(f"no overlap between the evaluated questions and {train_dataset}")
 
 
+def model_dir(args, dataset: str, label: str) -> str:
+    return os.path.join(args.output_path, dataset, label)
+
+
+def table_prefix(args, dataset: str, labels) -> str:
+    """The combined table of all models; a name too long for the file system (many or long labels)
+    is shortened with a hash of the whole."""
+    return os.path.join(args.output_path, dataset, fit_name(f"positions_{args.total_doc}docs_" + "_vs_".join(labels)))
+
+
 def evaluate_model(args, model_path, label, examples, example_ids, positions, dataset, backend_name, instruction):
-    out_dir = os.path.join(args.output_path, dataset, label)
+    out_dir = model_dir(args, dataset, label)
     predictions_path = os.path.join(out_dir, f"predictions_{args.total_doc}docs.jsonl.gz")
     compact = args.compact_finished and backend_name == "hf"  # vLLM schedules rows itself
     # Everything that changes the predictions; any change starts the chunks (one per position) over.
@@ -98,6 +110,7 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
     return summary
 
 
+@releasing_locks
 def main(argv):
     args = parse_args(argv)
     # Flags first: a typo must not surface after the first model's evaluation.
@@ -112,8 +125,13 @@ def main(argv):
         raise UserError(f"--label gives {len(labels)} labels for {len(models)} models")
     if len(set(labels)) != len(labels):
         raise UserError(f"--label: labels must differ (they name the output folders; pass --label), got {labels}")
-    model_paths = [resolve_model(m) for m in models]
     dataset = args.dataset_name or dataset_name_from_path(args.input_path)
+    # Every output folder checked (writable, not an input) and locked before any input is read or model loaded.
+    inputs = {"--input-path": args.input_path, "--train_dataset": args.train_dataset}
+    for label in labels:
+        claim_output(model_dir(args, dataset, label), inputs, folder=True, flag="--output-path")
+    claim_output(table_prefix(args, dataset, labels), inputs, flag="--output-path")
+    model_paths = [resolve_model(m) for m in models]
     examples = load_examples(args.input_path, total_doc=args.total_doc)
     if not examples:
         raise UserError(f"{args.input_path}: no examples")
@@ -126,8 +144,7 @@ def main(argv):
         evaluate_model(args, path, label, examples, example_ids, positions, dataset, backend_name, instruction)
         for path, label in zip(model_paths, labels)
     ]
-    out_dir = os.path.join(args.output_path, dataset)
-    prefix = os.path.join(out_dir, f"positions_{args.total_doc}docs_" + "_vs_".join(labels))
+    prefix = table_prefix(args, dataset, labels)
     tables = write_summaries(summaries, prefix)
     plot = plot_positions(summaries, prefix + ".png",
                           title=f"{dataset}, {args.total_doc} documents, last {len(examples)} examples")

@@ -5,12 +5,15 @@
 """
 
 import argparse
+import os
 import sys
 
 from pos2distill.errors import UserError, run_cli
-from pos2distill.report import load_summaries, plot_positions, to_console, write_summaries
+from pos2distill.output_guard import claim_output, refuse_output_is_input, releasing_locks
+from pos2distill.report import load_summaries, plot_positions, table_paths, to_console, write_summaries
 
 
+@releasing_locks
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("summaries", nargs="+", help="summary JSON files written by eval_data.py")
@@ -19,6 +22,12 @@ def main(argv):
     parser.add_argument("--title", default="")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    prefix = args.output[: -len(".png")] if args.output.endswith(".png") else args.output
+    # --output x.png also writes x.json: it must not be one of the summaries read
+    outputs = [prefix + ".png", *table_paths(prefix)]
+    refuse_output_is_input({f"--output (its {os.path.splitext(p)[1]})": p for p in outputs},
+                           {f"summary {i}": p for i, p in enumerate(args.summaries, 1)})
+    claim_output(prefix + ".png", flag="--output")
     summaries = []
     for path in args.summaries:
         summaries.extend(load_summaries(path))  # a missing file is a one-line error there
@@ -27,7 +36,6 @@ def main(argv):
             raise UserError(f"--label gives {len(args.label)} labels for {len(summaries)} summaries")
         for summary, label in zip(summaries, args.label):
             summary["label"] = label
-    prefix = args.output[: -len(".png")] if args.output.endswith(".png") else args.output
     write_summaries(summaries, prefix)
     plot_positions(summaries, prefix + ".png", title=args.title)
     print(to_console(summaries))

@@ -103,7 +103,7 @@ train)
     if [ "$FILTER" != 1 ]; then no_filter=(--no_filter); fi
     python "$ROOT/create_datasets.py" "${no_filter[@]}" --model_name "$MODEL_NAME" --dataset_name "$DS" --total_doc "$TOTAL_DOC" \
         --position_sample_num "$K" --strengthen "$STRENGTHEN" --example_num "$NUM" --seed "$SEED" \
-        --raw_data_dir "$WORK/raw_data" --output_dir "$WORK/data"
+        --raw_data_dir "$WORK/raw_data" --output_dir "$WORK/data" --overwrite  # variants of other seeds share the name
     rm -rf "checkpoints/$DS/$name"
     : > "$OUT_DIR/$name.gpu_mem.csv"
     if command -v nvidia-smi > /dev/null; then
@@ -123,7 +123,7 @@ train)
         TRAIN_BATCH="$TRAIN_BATCH" MICRO_BATCH="$MICRO_BATCH" MAX_LEN="${MAX_LEN:-8192}" \
         TEACHER_OFFLOAD=0 NUM_GPUS="$NUM_GPUS" DATA_ROOT="$WORK/data" SAVE_PATH="$WORK/checkpoints/$DS/$name" DATASET_NAME="$DS" \
         CKPT_PATH="$WORK/checkpoints/$DS/$name/_deepspeed_ckpt" TENSORBOARD="$OUT_DIR/tb" \
-        bash "$ROOT/train_nq.sh" --seed "$SEED" 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$"
+        bash "$ROOT/train_nq.sh" --seed "$SEED" --overwrite 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v "it/s\]$\|s/it\]$"
     end=$(date +%s.%N)
     ckpt=$(checkpoint "$DS" "$name")
     cp "$ckpt/kd_args.json" "$OUT_DIR/$name.kd_args.json"
