@@ -128,12 +128,18 @@ def test_stage1_output_equal_to_input_is_refused(tmp_path, tiny_model, capsys, g
     assert_error(cli(stage1.main, argv, capsys), "is the same file as --input-path")
 
 
-def test_training_into_its_own_model_folder_is_refused(tmp_path, capsys):
+def existing_training_folder(tmp_path, **files):
+    """A dataset folder ``ds`` and the model folder a training on it saves, already there with ``files``."""
     (tmp_path / "ds").mkdir()
-    run = train_kd.run_name(str(tmp_path / "ds"), (0.0, 0.0, 0.0, 1.0), 1.0)
-    model = tmp_path / "save" / run
-    model.mkdir(parents=True)
-    (model / "config.json").write_text("{}")
+    folder = tmp_path / "save" / train_kd.run_name(str(tmp_path / "ds"), (0.0, 0.0, 0.0, 1.0), 1.0)
+    folder.mkdir(parents=True)
+    for name, text in files.items():
+        (folder / name.replace("__", ".")).write_text(text)
+    return folder
+
+
+def test_training_into_its_own_model_folder_is_refused(tmp_path, capsys):
+    model = existing_training_folder(tmp_path, config__json="{}")
     argv = ["--dataset", tmp_path / "ds", "--pretrain", model, "--save_path", tmp_path / "save", "--overwrite"]
     assert_error(cli(train_kd.main, argv, capsys), "is the same file as --pretrain")
     assert (model / "config.json").exists()
@@ -160,12 +166,7 @@ def test_stage2_refuses_to_replace_a_dataset_built_from_other_rows(tmp_path, sta
 
 
 def test_training_refuses_an_existing_model_folder(tmp_path, capsys):
-    (tmp_path / "ds").mkdir()
-    run = train_kd.run_name(str(tmp_path / "ds"), (0.0, 0.0, 0.0, 1.0), 1.0)
-    folder = tmp_path / "save" / run
-    folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_text("old weights")
-    (folder / "eval_notes.md").write_text("not ours")
+    folder = existing_training_folder(tmp_path, model__safetensors="old weights", eval_notes__md="not ours")
     argv = ["--dataset", tmp_path / "ds", "--pretrain", "nope/x", "--save_path", tmp_path / "save"]
     assert_error(cli(train_kd.main, argv, capsys), "exists; pass --overwrite to replace it")
     assert_error(cli(train_kd.main, argv + ["--overwrite"], capsys), "did not write (eval_notes.md)")
