@@ -256,6 +256,9 @@ def claim_save_path(args) -> None:
     check_replaceable(args.output_dir, args.overwrite, MODEL_FILES)
     if int(os.environ.get("RANK", "0")) == 0:  # one lock per run: rank 0 writes the folder
         claim_output(args.output_dir, inputs, folder=True, flag="--save_path")
+        if args.load_checkpoint or (args.save_steps > 0 and not args.disable_ds_ckpt):
+            # DeepSpeed checkpoints: two runs on one --ckpt_path (a default) would interleave steps
+            claim_output(args.ckpt_path, inputs, folder=True, flag="--ckpt_path")
 
 
 def train(args) -> None:

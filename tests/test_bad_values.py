@@ -33,6 +33,14 @@ def test_stage2_field_types_name_file_line_and_field(field, value, expected, tmp
     assert not (tmp_path / "data").exists()
 
 
+def test_train_dataset_question_must_be_a_string(tmp_path):
+    from pos2distill.training_questions import training_questions
+
+    path = jsonl(tmp_path / "s1.jsonl", [stage1_record(0), stage1_record(1, question=["q"])])
+    with pytest.raises(UserError, match=r"s1.jsonl:2: 'question' must be a string"):
+        training_questions(path)
+
+
 def test_a_string_of_answers_is_never_scored_as_characters():
     """'I do not know' contains every letter of 'Shakespeare'... as characters, it passed the filter."""
     with pytest.raises(TypeError, match="list of strings"):

@@ -71,9 +71,13 @@ def test_second_stage2_and_training_run_are_refused(tmp_path, stage2_input, caps
     (tmp_path / "ds").mkdir()
     save = tmp_path / "save"
     run = train_kd.run_name(str(tmp_path / "ds"), (0.0, 0.0, 0.0, 1.0), 1.0)
+    argv = ["--dataset", tmp_path / "ds", "--pretrain", "nope/x", "--save_path", save]
     with OutputLock(str(save / run)):
-        assert_error(cli(train_kd.main, ["--dataset", tmp_path / "ds", "--pretrain", "nope/x", "--save_path", save],
-                         capsys), "being written by another run")
+        assert_error(cli(train_kd.main, argv, capsys), "being written by another run")
+    ckpt = tmp_path / "ckpt"  # DeepSpeed checkpoints of another run (the default path is shared)
+    with OutputLock(str(ckpt)):
+        assert_error(cli(train_kd.main, argv + ["--ckpt_path", ckpt, "--save_steps", 5], capsys),
+                     f"{ckpt} is being written by another run")
 
 
 def test_a_killed_run_leaves_no_lock_behind(tmp_path):
