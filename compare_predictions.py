@@ -15,6 +15,7 @@ from pos2distill.cli_help import new_parser
 from pos2distill.errors import run_cli
 from pos2distill.jsonl import read_jsonl, write_text_atomic
 from pos2distill.names import check_names
+from pos2distill.output_guard import claim_output, refuse_output_is_input, releasing_locks
 from pos2distill.paired import compare_runs, comparison_table
 
 
@@ -28,9 +29,14 @@ def build_parser():
     return parser
 
 
+@releasing_locks
 def main(argv):
     args = build_parser().parse_args(argv)
     check_names(args, "--label")  # table headers, plain names as in stage 4
+    if args.output:
+        refuse_output_is_input({"--output (its .md)": args.output + ".md", "--output (its .json)": args.output + ".json"},
+                               {"run_a": args.run_a, "run_b": args.run_b})
+        claim_output(args.output + ".md", flag="--output")
     # read_jsonl reports a missing file or a bad line in one line itself
     result = compare_runs(read_jsonl(args.run_a), read_jsonl(args.run_b), *args.label)
     table = comparison_table(result)

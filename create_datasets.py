@@ -17,10 +17,16 @@ import sys
 
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
+from pos2distill.flag_types import harden_numbers
 from pos2distill.jsonl import iter_jsonl, remove_stale_temporaries, replace_dir, temporary_name, write_text_atomic
 from pos2distill.metrics import score_prediction
 from pos2distill.names import check_names, dataset_name, stage1_file
+from pos2distill.output_guard import claim_output, releasing_locks
 from pos2distill.pairs import build_rows, position_counts, select_correct
+from pos2distill.replace_guard import check_replaceable, write_manifest
+
+# What save_to_disk writes: a dataset folder made before manifests may be replaced when it holds only these.
+DATASET_FILES = ("data-*.arrow", "dataset_info.json", "state.json")
 
 
 def build_parser():
@@ -38,8 +44,11 @@ def build_parser():
     parser.add_argument("--raw_data_dir", default="raw_data", help="stage 1's --output-path")
     parser.add_argument("--output_dir", default="data", help="where the dataset folder is written")
     parser.add_argument("--seed", type=int, default=42, help="seeds the choice of trivial positions")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a dataset of this name built from other rows (other seed or stage-1 file); "
+                             "default: refuse. Files this project did not write are never deleted")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
+    return harden_numbers(parser)
 
 
 def parse_args(argv):
@@ -57,24 +66,30 @@ def find_stage1_file(args) -> str:
     return matches[0]
 
 
-def save_dataset(rows: list[dict], path: str) -> None:
+def rows_fingerprint(rows: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_dataset(rows: list[dict], path: str, config: dict = None) -> None:
     """save_to_disk into a temporary folder, then swap it in; fingerprint from content (reproducible)."""
     import pyarrow as pa
     from datasets import Dataset
 
-    fingerprint = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = rows_fingerprint(rows)
     dataset = Dataset(pa.Table.from_pylist(rows), fingerprint=fingerprint)
     remove_stale_temporaries(path)
     tmp = temporary_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         dataset.save_to_disk(tmp)
+        write_manifest(tmp, "create_datasets.py", config)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, path)
 
 
+@releasing_locks
 def main(argv):
     args = parse_args(argv)
     check_names(args, "--model_name", "--dataset_name")
@@ -88,8 +103,11 @@ def main(argv):
     name = dataset_name(args.model_name, args.total_doc, args.position_sample_num, args.strengthen, len(kept),
                             filtered=not args.no_filter)
     path = os.path.join(args.output_dir, name)
-    os.makedirs(args.output_dir, exist_ok=True)
-    save_dataset(rows, path)
+    claim_output(path, {"--input_path": source}, folder=True, flag="--output_dir")
+    # Same rows again (a rerun): replaced by the same bytes. Other rows: only with --overwrite.
+    config = {"source": os.path.abspath(source), "seed": args.seed, "rows_sha256": rows_fingerprint(rows)}
+    check_replaceable(path, args.overwrite, DATASET_FILES, config)
+    save_dataset(rows, path, config)
     counts = position_counts(rows, args.total_doc)
     stats = {
         "source": source, "examples_read": len(records), "examples_kept": len(kept), "kept_correct": correct,

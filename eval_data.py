@@ -14,12 +14,14 @@ from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_na
                                   require_at_least)
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
+from pos2distill.flag_types import harden_numbers
 from pos2distill.formats import load_examples
 from pos2distill.generation import data_parallel_config
 from pos2distill.pine import inference_config, open_backend, resolve_inference
 from pos2distill.models import resolve_model
 from pos2distill.names import (check_name, check_names, eval_dir, model_name, overlay_prefix, predictions_file,
                                summary_prefix)
+from pos2distill.output_guard import claim_output, releasing_locks
 from pos2distill.position_eval import evaluate_positions
 from pos2distill.positions import parse_positions
 from pos2distill.report import plot_positions, summarize, to_console, write_summaries
@@ -48,7 +50,7 @@ def build_parser():
                         help="HF backend: finished rows leave the batch (greedy; same outputs up to bf16 "
                              "rounding; docs/performance.md); ignored by vLLM")
     add_model_flags(parser, several_models=True)
-    return parser
+    return harden_numbers(parser)
 
 
 def parse_args(argv):
@@ -104,6 +106,7 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
     return summary
 
 
+@releasing_locks
 def main(argv):
     args = parse_args(argv)
     check_names(args, "--dataset_name", "--label")
@@ -120,8 +123,13 @@ def main(argv):
         raise UserError(f"--label gives {len(labels)} labels for {len(models)} models")
     if len(set(labels)) != len(labels):
         raise UserError(f"--label: labels must differ (they name the output folders; pass --label), got {labels}")
-    model_paths = [resolve_model(m) for m in models]
     dataset = args.dataset_name or dataset_name_from_path(args.input_path)
+    # Every output folder checked (writable, not an input) and locked before any input is read or model loaded.
+    inputs = {"--input-path": args.input_path, "--train_dataset": args.train_dataset}
+    for label in labels:
+        claim_output(eval_dir(args.output_path, dataset, label), inputs, folder=True, flag="--output-path")
+    claim_output(overlay_prefix(args.output_path, dataset, args.total_doc, labels), inputs, flag="--output-path")
+    model_paths = [resolve_model(m) for m in models]
     examples = load_examples(args.input_path, total_doc=args.total_doc)
     if not examples:
         raise UserError(f"{args.input_path}: no examples")

@@ -20,6 +20,7 @@ from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_na
                                   require_at_least)
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
+from pos2distill.flag_types import harden_numbers
 from pos2distill.formats import example_to_raw, load_examples
 from pos2distill.generation import data_parallel_config
 from pos2distill.pine import inference_config, open_backend, resolve_inference
@@ -27,6 +28,7 @@ from pos2distill.jsonl import write_text_atomic
 from pos2distill.metrics import score_prediction
 from pos2distill.models import resolve_model
 from pos2distill.names import check_name, check_names, model_name, stage1_file, stage1_summary
+from pos2distill.output_guard import check_writable, claim_output, releasing_locks
 from pos2distill.position_eval import check_prompt_lengths, evaluate_positions, prompt_examples
 from pos2distill.positions import parse_position, parse_positions
 from pos2distill.report import summarize, to_console
@@ -53,7 +55,7 @@ def build_parser():
     parser.add_argument("--eval_holdout", type=int, default=500,
                         help="--gold_doc auto: the last N examples (stage 4's) are never probed")
     add_model_flags(parser)
-    return parser
+    return harden_numbers(parser)
 
 
 def parse_args(argv):
@@ -107,13 +109,17 @@ def stage1_record(item, answer: str, instruction: str, model: str) -> dict:
     return record
 
 
+@releasing_locks
 def main(argv):
     args = parse_args(argv)
     check_names(args, "--dataset_name")
     # Flags first: a typo must not cost a model load or a long probe.
     resolve_inference(args)
     backend_name, instruction = check_model_flags(args)
-    require_at_least(args, {"--total_doc": 1, "--limit": 1, "--chunk_size": 1, "--probe_num": 1, "--eval_holdout": 0})
+    require_at_least(args, {"--total_doc": 1, "--limit": 1, "--chunk_size": 1, "--probe_num": 1, "--eval_holdout": 0,
+                            "--temperature": 0})
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
     auto = args.gold_doc.strip().lower() == "auto"
     if auto:
         parse_positions(args.probe_positions, args.total_doc, "--probe_positions")
@@ -121,6 +127,12 @@ def main(argv):
     else:
         position = parse_position(args.gold_doc, args.total_doc, "--gold_doc")
     dataset = args.dataset_name or dataset_name_from_path(args.input_path)
+    name = model_name(args.model)
+    # Output checks and lock before the input is read or a model loads (auto: the name waits for the probe).
+    if auto:
+        check_writable(os.path.dirname(os.path.abspath(output_file(args, dataset, name, 0))))
+    else:
+        claim_output(output_file(args, dataset, name, position), {"--input-path": args.input_path}, flag="--output-path")
     examples = load_examples(args.input_path, total_doc=args.total_doc)
     if not examples:
         raise UserError(f"{args.input_path}: no examples")
@@ -144,6 +156,8 @@ def main(argv):
             position, probe = choose_advantageous_position(args, get_backend(), examples, instruction)
         todo = examples[: args.limit] if args.limit else examples
         path = output_file(args, dataset, name, position)
+        if auto:
+            claim_output(path, {"--input-path": args.input_path}, flag="--output-path")
         # Everything that changes the records; any change starts the chunks over.
         config = {
             "stage": 1, "input": file_identity(args.input_path), "model": model_path, "total_doc": args.total_doc,

@@ -7,12 +7,15 @@
 
 import argparse
 
+from pos2distill.cli_args import require_at_least
 from pos2distill.cli_help import HelpFormatter, new_parser
-from pos2distill.errors import run_cli
+from pos2distill.errors import UserError, run_cli
+from pos2distill.flag_types import harden_numbers
 from pos2distill.formats import load_examples
 from pos2distill.jsonl import write_jsonl
 from pos2distill.kv_data import generate_kv_records
 from pos2distill.nq_builder import build_nq_sets
+from pos2distill.output_guard import claim_output, releasing_locks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--num_examples", type=int, default=500, help="records to write")
     kv.add_argument("--seed", type=int, default=0, help="seeds the random keys and values")
     kv.add_argument("--output", required=True, help="output .jsonl or .jsonl.gz")
-    return parser
+    return harden_numbers(parser)
 
 
 def _skipped_note(skipped: list[tuple[int, str]], shown: int = 3) -> str:
@@ -43,14 +46,22 @@ def _skipped_note(skipped: list[tuple[int, str]], shown: int = 3) -> str:
     return f"; skipped {len(skipped)} question(s) lacking enough passages without the answer: {listed}{more}"
 
 
+@releasing_locks
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "nq":
+        require_at_least(args, {"--total_doc": 1, "--limit": 1})
+        claim_output(args.output, {"--oracle": args.oracle}, flag="--output")  # before the oracle is read
         examples = load_examples(args.oracle, fmt="litm")
         build = build_nq_sets(examples, args.total_doc, limit=args.limit)
+        if not build.records:  # an empty set is never what was asked for
+            raise UserError(f"{args.oracle}: no question could be built ({len(examples)} read"
+                            f"{_skipped_note(build.skipped)}); nothing written to {args.output}")
         count = write_jsonl(args.output, build.records)
         print(f"wrote {count} records ({args.total_doc} documents each) to {args.output}{_skipped_note(build.skipped)}")
     else:
+        require_at_least(args, {"--num_keys": 1, "--num_examples": 1})
+        claim_output(args.output, flag="--output")
         records = generate_kv_records(args.num_examples, args.num_keys, args.seed)
         count = write_jsonl(args.output, records)
         print(f"wrote {count} records ({args.num_keys} keys each) to {args.output}")

@@ -21,8 +21,14 @@ if __name__ == "__main__" and not __package__:
 
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
+from pos2distill.flag_types import harden_numbers
 from pos2distill.jsonl import replace_dir, write_text_atomic
 from pos2distill.names import check_names, checkpoint_name, parse_kd_coef
+from pos2distill.output_guard import claim_output, refuse_output_is_input, releasing_locks
+from pos2distill.replace_guard import check_replaceable, write_manifest
+
+# What save_model writes: a model folder made before manifests may be replaced when it holds only these.
+MODEL_FILES = ("*.json", "*.safetensors", "*.bin", "*.jinja", "*.txt", "*.model")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = new_parser(__doc__)
@@ -90,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ckpt = parser.add_argument_group("checkpoints and logs")
     ckpt.add_argument("--save_path", default="checkpoints", help="saves SAVE_PATH/{dataset}_kd..._{perserve}")
+    ckpt.add_argument("--overwrite", action="store_true",
+                      help="replace an existing SAVE_PATH/{run} folder (default: refuse); files this project did not "
+                           "write are never deleted")
     ckpt.add_argument("--save_steps", type=int, default=-1, help="DeepSpeed checkpoint every N steps (-1: never)")
     ckpt.add_argument("--ckpt_path", default="./ckpt/checkpoints_kd", help="DeepSpeed checkpoints, for resuming")
     ckpt.add_argument("--max_ckpt_num", type=int, default=3, help="DeepSpeed checkpoints kept in --ckpt_path")
@@ -109,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--wandb_project", default="pos2distill", help="W&B project")
     ckpt.add_argument("--wandb_run_name", default=None, help="default: the output folder name")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    return parser
+    return harden_numbers(parser)  # nan, inf and 1_0 refused while parsing
 
 
 def parse_args(argv):
@@ -122,6 +131,13 @@ def parse_args(argv):
             raise UserError(f"--{flag} must be at least 1")
     if args.temperature <= 0 or args.perserve < 0:
         raise UserError("--temperature must be positive and --perserve non-negative")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+    for flag in ("lr_warmup_ratio", "min_lr_ratio"):
+        if not 0 <= getattr(args, flag) <= 1:
+            raise UserError(f"--{flag} must be in [0, 1], got {getattr(args, flag)}")
+    if args.l2 < 0 or args.max_norm < 0 or not all(0 <= b < 1 for b in args.adam_betas):
+        raise UserError("--l2 and --max_norm must be non-negative and --adam_betas in [0, 1)")
     args.teacher_model = args.teacher_model or args.pretrain
     args.run_name = checkpoint_name(args.dataset, args.kd_coef, args.perserve)
     args.output_dir = os.path.join(args.save_path, args.run_name)
@@ -218,6 +234,21 @@ def check_data_order(saved, current: dict, ckpt_path: str) -> None:
             f"--load_checkpoint: {ckpt_path} was saved by a run with another data order ({'; '.join(changed)}); "
             f"resume with the same flags and processes, or use another --ckpt_path"
         )
+
+
+def claim_save_path(args) -> None:
+    """The model folder's checks and lock, before any data or model is loaded."""
+    from kd.pair_dataset import resolve_dataset_path
+
+    inputs = {"--pretrain": args.pretrain, "--teacher_model": args.teacher_model,
+              "--dataset": resolve_dataset_path(args.dataset, args.data_root)}
+    refuse_output_is_input({"--save_path": args.output_dir}, inputs)
+    check_replaceable(args.output_dir, args.overwrite, MODEL_FILES)
+    if int(os.environ.get("RANK", "0")) == 0:  # one lock per run: rank 0 writes the folder
+        claim_output(args.output_dir, inputs, folder=True, flag="--save_path")
+        if args.load_checkpoint or (args.save_steps > 0 and not args.disable_ds_ckpt):
+            # DeepSpeed checkpoints: two runs on one --ckpt_path (a default) would interleave steps
+            claim_output(args.ckpt_path, inputs, folder=True, flag="--ckpt_path")
 
 
 def train(args) -> None:
@@ -330,6 +361,8 @@ def train(args) -> None:
     strategy.save_model(model, tokenizer, partial)
     if strategy.is_rank_0():
         write_text_atomic(os.path.join(partial, "kd_args.json"), json.dumps(vars(args), indent=2, sort_keys=True, default=str))
+        write_manifest(partial, "kd/train_kd.py")
+        check_replaceable(args.output_dir, args.overwrite, MODEL_FILES)  # again: files added during training
         replace_dir(partial, args.output_dir)
     strategy.print(f"saved {args.output_dir} in {lap()} ({trainer.skipped_steps} optimizer steps skipped)")
     if args.check_saved_logits:
@@ -340,8 +373,10 @@ def train(args) -> None:
         strategy.print(f"timing: save check {lap()}")
 
 
+@releasing_locks
 def main(argv=None) -> int:
     args = parse_args(argv)
+    claim_save_path(args)
     train(args)
     return 0
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from .errors import UserError
 from .jsonl import iter_jsonl
+from .metrics import normalize_answer
 from .records import Document, Example
 
 KINDS = ("qa", "kv")
@@ -41,18 +42,29 @@ def _question(record: dict) -> str:
     return question
 
 
-def _answers(record: dict) -> list[str]:
-    answers = _require(record, "answers")
-    if isinstance(answers, str):
+def check_answers(answers: Any, allow_string: bool = True) -> list[str]:
+    """The gold answers as a list of strings, at least one of which can ever be matched.
+
+    A lone string is one answer where ``allow_string`` (input formats), and an error otherwise
+    (stage-1 files, which always hold lists): iterated, it would be a list of characters.
+    """
+    if isinstance(answers, str) and allow_string:
         answers = [answers]
     if not isinstance(answers, list) or not answers:
-        raise RecordError(f"'answers' must be a non-empty list of strings, got {answers!r}")
+        raise RecordError(f"'answers' must be a non-empty list of strings, got {answers!r:.80}")
     for answer in answers:
         if not isinstance(answer, str):
-            raise RecordError(f"'answers' must hold strings only, got {answer!r}")
+            raise RecordError(f"'answers' must hold strings only, got {answer!r:.80}")
     if not any(answer.strip() for answer in answers):
         raise RecordError("'answers' holds only empty strings")
+    if not any(normalize_answer(answer) for answer in answers):
+        raise RecordError(f"'answers' {answers!r:.80} normalise to nothing (articles and punctuation are "
+                          f"dropped before scoring): no prediction can ever match")
     return list(answers)
+
+
+def _answers(record: dict) -> list[str]:
+    return check_answers(_require(record, "answers"))
 
 
 def _document(value: Any, where: str) -> Document:

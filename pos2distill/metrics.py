@@ -21,6 +21,8 @@ def first_line(prediction: str) -> str:
 
 def best_subspan_em(prediction: str, answers: list[str]) -> float:
     """1.0 if any normalized gold answer is a substring of the normalized prediction."""
+    if isinstance(answers, str):  # would be scored as a list of its characters
+        raise TypeError(f"answers must be a list of strings, got the string {answers!r:.80}")
     normalized = normalize_answer(prediction)
     for answer in answers:
         gold = normalize_answer(answer)

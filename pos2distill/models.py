@@ -13,6 +13,7 @@ import shutil
 
 from .errors import UserError
 from .jsonl import temporary_name
+from .model_check import check_model_folder
 from .names import gguf_stem
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
@@ -128,8 +129,7 @@ def resolve_model(name_or_path: str) -> str:
             convert_gguf(name_or_path, out)
         return out
     if os.path.isdir(name_or_path):
-        if not os.path.exists(os.path.join(name_or_path, "config.json")):
-            raise UserError(f"{name_or_path}: not a model folder (no config.json)")
+        check_model_folder(name_or_path)  # config, tokenizer, weights: before anything loads
         return name_or_path
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
     if looks_local:

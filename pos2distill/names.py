@@ -16,6 +16,8 @@ import re
 import sys
 
 from .errors import UserError, run_cli
+from .flag_types import parse_float
+from .output_guard import fit_name
 
 MAX_NAME_LENGTH = 100  # room for the prefixes and suffixes above inside a 255-byte file name
 LOSS_FLAGS = ("kd", "lm", "rank", "adaptive")  # --kd_coef's order, as written in checkpoint names
@@ -82,7 +84,7 @@ def parse_kd_coef(text: str) -> tuple:
     """``--kd_coef a,b,c,d``: four finite non-negative numbers, not all zero."""
     parts = [p.strip() for p in str(text).split(",")]
     try:
-        values = tuple(float(p) for p in parts)
+        values = tuple(parse_float(p) for p in parts)  # float() would read 1_0 as 10
     except ValueError:
         values = ()
     if len(values) != 4 or any(not math.isfinite(v) or v < 0 for v in values):
@@ -116,7 +118,8 @@ def summary_prefix(out_dir: str, total_docs: int) -> str:
 
 def overlay_prefix(output: str, dataset: str, total_docs: int, labels: list[str]) -> str:
     """Stage 4's table and plot of all the models of one run."""
-    return os.path.join(output, dataset, f"positions_{total_docs}docs_" + "_vs_".join(labels))
+    # many or long labels: a name too long for the file system is shortened with a hash of the whole
+    return os.path.join(output, dataset, fit_name(f"positions_{total_docs}docs_" + "_vs_".join(labels)))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -36,22 +36,41 @@ def paired_difference_interval(only_a: int, only_b: int, n: int) -> tuple[float,
     return (100.0 * diff, 100.0 * (diff - half), 100.0 * (diff + half))
 
 
-def _index(records: list[dict], label: str) -> dict:
-    out = {}
+def _index(records: list[dict], label: str) -> tuple[dict, dict]:
+    """``{(example_id, gold_idx): correct}`` and ``{example_id: question}``, field types checked."""
+    out, questions = {}, {}
     for number, record in enumerate(records, 1):
         missing = [k for k in ("example_id", "gold_idx", "correct") if k not in record]
         if missing:
             raise UserError(f"{label}: record {number} has no {', '.join(missing)} (not a stage-4 predictions file?)")
+        for field, kind in (("example_id", int), ("gold_idx", int), ("correct", (bool, int, float))):
+            value = record[field]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise UserError(f"{label}: record {number}: {field!r} must be {getattr(kind, '__name__', 'a boolean')}, "
+                                f"got {value!r:.40}")  # "false" as a string would count as correct
         key = (record["example_id"], record["gold_idx"])
         if key in out:
             raise UserError(f"{label}: example {key[0]} appears twice at position {key[1]}")
         out[key] = bool(record["correct"])
-    return out
+        if "question" in record:
+            questions[key[0]] = record["question"]
+    return out, questions
+
+
+def _check_same_questions(questions_a: dict, questions_b: dict, label_a: str, label_b: str) -> None:
+    """Equal example ids are not equal questions: two runs on other input files would pair at random."""
+    for example_id in sorted(set(questions_a) & set(questions_b)):
+        if questions_a[example_id] != questions_b[example_id]:
+            differ = sum(questions_a[i] != questions_b[i] for i in set(questions_a) & set(questions_b))
+            raise UserError(f"{label_a} and {label_b} ask other questions under the same example ids ({differ} "
+                            f"differ; example {example_id}: {questions_a[example_id]!r:.60} vs "
+                            f"{questions_b[example_id]!r:.60}); compare runs on the same --input-path")
 
 
 def compare_runs(records_a: list[dict], records_b: list[dict], label_a: str = "A", label_b: str = "B") -> dict:
     """Paired per-position and average comparison of run B against run A (same prompts)."""
-    a, b = _index(records_a, label_a), _index(records_b, label_b)
+    (a, questions_a), (b, questions_b) = _index(records_a, label_a), _index(records_b, label_b)
+    _check_same_questions(questions_a, questions_b, label_a, label_b)
     if set(a) != set(b):
         missing = len(set(a) ^ set(b))
         raise UserError(f"{label_a} and {label_b} do not cover the same (example, position) pairs "

@@ -11,6 +11,7 @@ order (gold at the advantageous position).
 from collections import Counter
 
 from .errors import UserError
+from .formats import RecordError, check_answers
 from .metrics import score_prediction
 from .positions import example_rng, place_gold, shuffled
 from .records import Document
@@ -18,10 +19,30 @@ from .records import Document
 REQUIRED_STAGE1_FIELDS = ("question", "answers", "gold_document", "distractors", "documents", "gold_idx", "oracle_answer")
 
 
+def _check_types(record: dict, where: str) -> None:
+    """Field types of a stage-1 record: a string ``answers`` must not be read as a list of characters,
+    nor a null ``oracle_answer`` reach the scorer."""
+    try:
+        check_answers(record["answers"], allow_string=False)
+    except RecordError as err:
+        raise UserError(f"{where}: {err}") from None
+    for key in ("question", "oracle_answer"):
+        if not isinstance(record[key], str):
+            raise UserError(f"{where}: {key!r} must be a string, got {record[key]!r:.80}")
+    for key in ("distractors", "documents"):
+        docs = record[key]
+        if not isinstance(docs, list) or not all(isinstance(d, dict) and isinstance(d.get("text"), str) for d in docs):
+            raise UserError(f"{where}: {key!r} must be a list of objects with a string 'text'")
+    gold = record["gold_document"]
+    if not isinstance(gold, dict) or not isinstance(gold.get("text"), str):
+        raise UserError(f"{where}: 'gold_document' must be an object with a string 'text', got {gold!r:.80}")
+
+
 def _check_record(record: dict, where: str, total_docs: int) -> None:
     for key in REQUIRED_STAGE1_FIELDS:
         if key not in record:
             raise UserError(f"{where}: missing field '{key}' (is this a stage-1 output file?)")
+    _check_types(record, where)
     if not isinstance(record["documents"], list) or len(record["documents"]) != total_docs:
         have = len(record["documents"]) if isinstance(record["documents"], list) else "no list of"
         raise UserError(f"{where}: {have} documents, expected --total_doc {total_docs}")

@@ -86,9 +86,14 @@ def to_console(summaries: list[dict]) -> str:
     return "\n".join([fmt(header), *(fmt(r) for r in rows)])
 
 
+def table_paths(prefix: str) -> list[str]:
+    """The files ``write_summaries`` writes for ``prefix``."""
+    return [f"{prefix}.csv", f"{prefix}.md", f"{prefix}.json"]
+
+
 def write_summaries(summaries: list[dict], prefix: str) -> list[str]:
     """Write ``prefix``.csv / .md / .json; return the paths."""
-    paths = [f"{prefix}.csv", f"{prefix}.md", f"{prefix}.json"]
+    paths = table_paths(prefix)
     write_text_atomic(paths[0], to_csv(summaries))
     write_text_atomic(paths[1], to_markdown(summaries))
     write_text_atomic(paths[2], json.dumps(summaries, indent=1))

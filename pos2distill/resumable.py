@@ -7,13 +7,16 @@ change of configuration starts over. The final file appears (atomically)
 only when every chunk is done, so an interrupted run never leaves a
 half-written output under the final name. The configuration of a finished
 output is kept beside it in ``<output>.config.json``: a rerun with the same
-configuration reuses the file instead of recomputing it.
+configuration reuses the file instead of recomputing it. The stages hold the
+output's lock (``output_guard.claim_output``) meanwhile, so the chunks of one run
+are never deleted or mixed by another.
 """
 
 import json
 import os
 import shutil
 
+from .errors import UserError
 from .jsonl import read_jsonl, remove_stale_temporaries, write_jsonl, write_text_atomic
 
 
@@ -70,11 +73,20 @@ class ChunkedOutput:
             int(name[6:12]) for name in os.listdir(self.partial_dir) if name.startswith("chunk_") and name.endswith(".jsonl.gz")
         )
 
+    def _check_own_chunks(self) -> None:
+        """The chunk folder must still hold this configuration's chunks (another run must not have
+        swapped it; the stages' output lock makes that impossible, this makes it detected)."""
+        recorded = _read_json(self._config_path())
+        if recorded != self.config:
+            raise UserError(f"{self.partial_dir} now holds chunks written under other arguments (another run on "
+                            f"this output?); refusing to mix them with this run's")
+
     def write_chunk(self, index: int, records: list[dict]) -> None:
         # The folder appears with the first finished chunk: a run that fails before leaves nothing.
         if not os.path.isfile(self._config_path()):
             os.makedirs(self.partial_dir, exist_ok=True)
             self._write_config(self._config_path())
+        self._check_own_chunks()
         write_jsonl(self._chunk_path(index), records)
 
     def read_chunk(self, index: int) -> list[dict]:
@@ -87,6 +99,8 @@ class ChunkedOutput:
         missing = [i for i in range(num_chunks) if not self.done(i)]
         if missing:
             raise RuntimeError(f"cannot finalize {self.output_path}: chunks {missing[:5]} missing")
+        if num_chunks:
+            self._check_own_chunks()
         records = [record for i in range(num_chunks) for record in self.read_chunk(i)]
         # The old marker goes first: it must never vouch for a file it did not describe.
         if os.path.exists(self.done_config_path):

@@ -19,5 +19,11 @@ def training_questions(path: str) -> set[str]:
             raise UserError(f"--train_dataset {path}: no 'question' column")
         return {question for split in splits for question in split["question"]}
     if os.path.isfile(path):
-        return {record["question"] for _, record in iter_jsonl(path) if "question" in record}
+        questions = set()
+        for line, record in iter_jsonl(path):
+            if "question" in record:
+                if not isinstance(record["question"], str):
+                    raise UserError(f"{path}:{line}: 'question' must be a string, got {record['question']!r:.60}")
+                questions.add(record["question"])
+        return questions
     raise UserError(f"--train_dataset {path}: no such file or folder")

@@ -59,7 +59,7 @@ def files(tmp_path_factory, tiny_model):
         return str(d / name)
 
     good = jsonl("nq-good.jsonl", [litm(i) for i in range(3)])
-    raw = {"question": "q?", "answers": ["a"], "gold_document": {"title": "g", "text": "a"},
+    raw = {"question": "q?", "answers": ["x"], "gold_document": {"title": "g", "text": "a"},
            "distractors": [{"title": "d", "text": "x"}] * (TOTAL - 1)}
     truncated = d / "nq-truncated.jsonl.gz"
     truncated.write_bytes(gzip.compress((json.dumps(litm(0)) + "\n").encode() * 50)[:-40])

@@ -67,7 +67,7 @@ def test_raw_loader_keeps_extra_fields_in_meta_and_round_trips(tmp_path):
 
 
 def test_raw_kind_defaults_to_qa_and_rejects_unknown(tmp_path):
-    record = {"question": "q", "answers": ["a"], "gold_document": {"title": "t", "text": "a"}, "distractors": []}
+    record = {"question": "q", "answers": ["x"], "gold_document": {"title": "t", "text": "a"}, "distractors": []}
     assert load_examples(write(tmp_path, [record]))[0].kind == "qa"
     with pytest.raises(UserError, match=r"data.jsonl:1: 'kind'"):
         load_examples(write(tmp_path, [{**record, "kind": "mcq"}]))
@@ -100,7 +100,7 @@ def test_kv_value_must_match_the_pair(tmp_path):
 def test_dpr_gold_is_first_positive_then_hard_negatives_then_negatives(tmp_path):
     record = {
         "question": "q",
-        "answers": ["a"],
+        "answers": ["x"],
         "dataset": "trivia",
         "positive_ctxs": [{"title": "P1", "text": "a p1"}, {"title": "P2", "text": "a p2"}],
         "negative_ctxs": [{"title": "N1", "text": "n1"}],
@@ -113,7 +113,7 @@ def test_dpr_gold_is_first_positive_then_hard_negatives_then_negatives(tmp_path)
 
 
 def test_dpr_without_positive_is_an_error(tmp_path):
-    record = {"question": "q", "answers": ["a"], "positive_ctxs": [], "negative_ctxs": [], "hard_negative_ctxs": []}
+    record = {"question": "q", "answers": ["x"], "positive_ctxs": [], "negative_ctxs": [], "hard_negative_ctxs": []}
     with pytest.raises(UserError, match=r"data.jsonl:1: 'positive_ctxs' is empty"):
         load_examples(write(tmp_path, [record]))
 
@@ -122,9 +122,9 @@ def test_dpr_without_positive_is_an_error(tmp_path):
     "record, expected",
     [
         (litm_record(), "litm"),
-        ({"question": "q", "answers": ["a"], "gold_document": {"text": "x"}, "distractors": []}, "raw"),
+        ({"question": "q", "answers": ["x"], "gold_document": {"text": "x"}, "distractors": []}, "raw"),
         ({"ordered_kv_records": [["k", "v"]], "key": "k", "value": "v"}, "kv"),
-        ({"question": "q", "answers": ["a"], "positive_ctxs": [], "hard_negative_ctxs": []}, "dpr"),
+        ({"question": "q", "answers": ["x"], "positive_ctxs": [], "hard_negative_ctxs": []}, "dpr"),
     ],
 )
 def test_detect_format(record, expected):
@@ -133,7 +133,7 @@ def test_detect_format(record, expected):
 
 def test_detect_format_unknown_names_the_expected_fields():
     with pytest.raises(UserError, match="cannot tell the record format.*gold_document"):
-        detect_format({"question": "q", "answers": ["a"]})
+        detect_format({"question": "q", "answers": ["x"]})
 
 
 def test_malformed_json_line_names_file_and_line(tmp_path):
@@ -153,13 +153,13 @@ def test_missing_required_field_names_file_line_and_field(tmp_path, field):
 
 
 def test_missing_gold_field_in_raw_format(tmp_path):
-    path = write(tmp_path, [{"question": "q", "answers": ["a"], "distractors": []}])
+    path = write(tmp_path, [{"question": "q", "answers": ["x"], "distractors": []}])
     with pytest.raises(UserError, match=r"data.jsonl:1: missing field 'gold_document'"):
         load_examples(path, fmt="raw")
 
 
 def test_later_record_must_match_the_detected_format(tmp_path):
-    path = write(tmp_path, [litm_record(), {"question": "q", "answers": ["a"]}])
+    path = write(tmp_path, [litm_record(), {"question": "q", "answers": ["x"]}])
     with pytest.raises(UserError, match=r"data.jsonl:2: missing field 'ctxs'"):
         load_examples(path)
 
