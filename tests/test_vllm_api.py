@@ -117,8 +117,8 @@ def test_the_backend_uses_only_what_vllm_0_26_0_has(api):
 
 
 @pytest.mark.parametrize("part, name", [
-    ("SamplingParams", "best_of"),       # removed from vLLM in 0.11
-    ("LLM", "swap_space"),               # no longer an LLM or EngineArgs argument
+    ("SamplingParams", "best_of"),       # not a field of 0.26.0
+    ("LLM", "swap_space"),               # neither an LLM nor an EngineArgs argument in 0.26.0
     ("CompletionOutput", "logprob"),
     ("TokensPrompt", "prompt_ids"),
     ("RequestOutput", "output"),
