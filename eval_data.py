@@ -11,7 +11,7 @@ overlays all models given.
 import sys
 
 from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_name_from_path, precision_config,
-                                  require_at_least)
+                                  require_at_least, software_config)
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.flag_types import harden_numbers
@@ -78,6 +78,7 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
         "backend": backend_name, "batch_size": args.batch_size,
         "positions_per_call": args.positions_per_call, "compact_finished": compact,
         **data_parallel_config(backend_name, args.num_gpus), **precision_config(args), **inference_config(args),
+        **software_config(backend_name),
     }
     output = ChunkedOutput(predictions_path, config)
     stats = {"generated": 0, "seconds": 0.0}
@@ -98,7 +99,8 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
     records = output.finalize(len(positions))
     summary = summarize(records, label, args.total_doc)
     rate = stats["generated"] / stats["seconds"] if stats["generated"] else None
-    summary.update({"model": model_path, "generated_prompts": stats["generated"],
+    summary.update({"model": model_path, "backend": backend_name, **software_config(backend_name),
+                    "generated_prompts": stats["generated"],
                     "generation_seconds": round(stats["seconds"], 1), "prompts_per_s": round(rate, 2) if rate else None})
     write_summaries([summary], summary_prefix(out_dir, args.total_doc))
     done = f"{stats['generated']} prompts generated in {stats['seconds']:.1f} s ({rate:.1f} prompts/s)" if rate else "all resumed"

@@ -17,7 +17,7 @@ import sys
 import time
 
 from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_name_from_path, precision_config,
-                                  require_at_least)
+                                  require_at_least, software_config)
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.flag_types import harden_numbers
@@ -165,7 +165,7 @@ def main(argv):
             "max_new_tokens": args.max_new_tokens, "instruction": instruction, "limit": args.limit,
             "chunk_size": args.chunk_size, "full_answers": args.full_answers, "backend": backend_name,
             "batch_size": args.batch_size, **data_parallel_config(backend_name, args.num_gpus), **precision_config(args),
-            **inference_config(args),
+            **inference_config(args), **software_config(backend_name),
         }
         output = ChunkedOutput(path, config)
         reused = output.complete

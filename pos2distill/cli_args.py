@@ -76,3 +76,21 @@ def precision_config(args: argparse.Namespace) -> dict:
     if args.tf32:
         config["tf32"] = True
     return config
+
+
+def software_config(backend_name: str) -> dict:
+    """What generates an output, for its config: torch and transformers, and vLLM's version with
+    the vllm backend. A resumed run under other versions starts over instead of mixing chunks."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    software = {}
+    for package in ("torch", "transformers"):
+        try:
+            software[package] = version(package)
+        except PackageNotFoundError:
+            software[package] = None
+    if backend_name == "vllm":
+        from .generation import vllm_version
+
+        software["vllm"] = vllm_version()
+    return {"software": software}

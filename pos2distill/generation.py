@@ -33,6 +33,7 @@ import functools
 import importlib.util
 import math
 import os
+import sys
 import time
 import warnings
 
@@ -74,15 +75,44 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def vllm_import_error() -> str | None:
+    """None when ``import vllm`` works, else why not in one line. vLLM pins torch exactly, so an
+    installed vLLM beside another torch is found by ``vllm_available`` but fails to import."""
+    if not vllm_available():
+        return "not installed"
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # any failure of a broken install (ImportError, OSError of a .so, ...)
+        first = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
+    return None
+
+
 def resolve_backend_name(name: str) -> str:
-    """``auto`` -> ``vllm`` when vLLM is installed and a CUDA GPU is visible, else ``hf``."""
+    """``auto`` -> ``vllm`` when a CUDA GPU is visible and vLLM imports, else ``hf``."""
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r} (--backend); choose one of {', '.join(BACKENDS)}")
     if name == "auto":
-        return "vllm" if vllm_available() and _cuda_available() else "hf"
-    if name == "vllm" and not vllm_available():
-        raise UserError("vLLM requested (--backend vllm) but not installed; pip install vllm or use --backend hf")
+        if not (vllm_available() and _cuda_available()):
+            return "hf"
+        error = vllm_import_error()
+        if error:
+            print(f"note: --backend auto: vLLM is installed but does not import ({error}); using hf", file=sys.stderr)
+        return "hf" if error else "vllm"
+    if name == "vllm":
+        error = vllm_import_error()
+        if error == "not installed":
+            raise UserError("vLLM requested (--backend vllm) but not installed; pip install vllm or use --backend hf")
+        if error:
+            raise UserError(f"vLLM requested (--backend vllm) but it does not import ({error}); see README, GPU users")
     return name
+
+
+def vllm_version() -> str:
+    """The version of the vLLM that ``import vllm`` finds (for an output's config)."""
+    import vllm
+
+    return str(getattr(vllm, "__version__", "unknown"))
 
 
 def data_parallel_config(backend_name: str, num_gpus: int | None) -> dict:
@@ -786,6 +816,20 @@ def _context_window(path: str) -> int | None:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(text_config, "max_position_embeddings", None)
     return int(window) if window else None
+
+
+# The vLLM API this backend uses, in one place: tests/test_vllm_api.py checks every name against
+# a description recorded from a vLLM release (scripts/record_vllm_api.py -> tests/data/), and
+# checks that the calls below pass nothing else (through tests/fake_vllm).
+VLLM_API = {
+    "imports": ("LLM", "SamplingParams"),
+    "LLM": ("model", "tensor_parallel_size", "dtype", "seed", "max_model_len"),  # keyword arguments
+    "LLM.generate": {"positional": ("prompts", "sampling_params"), "keyword": ("use_tqdm",)},
+    "SamplingParams": ("temperature", "top_p", "max_tokens", "seed", "stop", "include_stop_str_in_output"),
+    "TokensPrompt": ("prompt_token_ids",),  # the prompt dicts' keys
+    "RequestOutput": ("outputs",),
+    "CompletionOutput": ("text", "token_ids", "finish_reason", "stop_reason"),
+}
 
 
 def _request_seed(seed: int, index: int) -> int:

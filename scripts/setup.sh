@@ -44,3 +44,13 @@ log=$(mktemp "${TMPDIR:-/tmp}/pos2distill-editable.XXXXXX")
 "${PIP[@]}" install --no-deps -e . >"$log" 2>&1 || { cat "$log"; rm -f "$log"; exit 1; }
 rm -f "$log"
 python -c "import torch, transformers, deepspeed; print(f'== ready: torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}, cuda {torch.cuda.is_available()}')" 2>&1 | grep '^=='
+
+# ---- vLLM, opt-in (WITH_VLLM=1; VLLM_DRY_RUN=1 prints the pip command only) ----------------
+# vLLM pins torch exactly: scripts/vllm_for_torch.py picks the release made for the installed
+# torch and installs it with torch and transformers held by pip constraints (README, GPU users).
+if [ "${WITH_VLLM:-0}" = 1 ]; then
+    dry_run=()
+    if [ "${VLLM_DRY_RUN:-0}" = 1 ]; then dry_run=(--dry_run); fi
+    python scripts/vllm_for_torch.py "${dry_run[@]}"
+fi
+# ---- end vLLM ---------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from pos2distill.generation import (
 from pos2distill.metrics import first_line
 from pos2distill.prompting import chat_prompt
 
-FAKE_VLLM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_vllm")
+from conftest import FAKE_VLLM
 
 MESSAGES = [
     "hi",
@@ -144,6 +144,7 @@ def test_resolve_backend_name(monkeypatch):
     assert resolve_backend_name("auto") == "hf"  # no vllm
 
     monkeypatch.setattr(generation, "vllm_available", lambda: True)
+    monkeypatch.setattr(generation, "vllm_import_error", lambda: None)
     assert resolve_backend_name("auto") == "vllm"
     assert resolve_backend_name("vllm") == "vllm"
     monkeypatch.setattr(generation, "_cuda_available", lambda: False)
@@ -456,41 +457,6 @@ def test_newline_table_of_the_real_tokenizer(sharp):
 
 
 # --------------------------------------------------------------------------- vllm backend (stand-in)
-
-
-class FakeVLLM:
-    def __init__(self, log_path, script_path):
-        self.log_path = log_path
-        self.script_path = script_path
-
-    def events(self, kind=None):
-        if not os.path.exists(self.log_path):
-            return []
-        with open(self.log_path, encoding="utf-8") as f:
-            events = [json.loads(line) for line in f]
-        return [e for e in events if kind is None or e["event"] == kind]
-
-    def clear(self):
-        if os.path.exists(self.log_path):
-            os.remove(self.log_path)
-
-    def script(self, completions: dict):
-        self.script_path.write_text(json.dumps(completions))
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(FAKE_VLLM)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (FAKE_VLLM, os.environ.get("PYTHONPATH")) if p))
-    monkeypatch.setenv("FAKE_VLLM_LOG", str(tmp_path / "vllm-calls.jsonl"))
-    monkeypatch.setenv("FAKE_VLLM_SCRIPT", str(tmp_path / "script.json"))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
-    monkeypatch.delenv("FAKE_VLLM_FAIL_INIT", raising=False)
-    monkeypatch.delitem(sys.modules, "vllm", raising=False)
-    fake = FakeVLLM(tmp_path / "vllm-calls.jsonl", tmp_path / "script.json")
-    fake.script({})
-    yield fake
-    sys.modules.pop("vllm", None)
 
 
 def _prompt_ids(tokenizer, prompts):

@@ -2,7 +2,9 @@
 
 It mirrors the documented offline interface that pos2distill uses: ``LLM``,
 ``LLM.generate``, ``SamplingParams``, ``RequestOutput`` and ``CompletionOutput``.
-Unknown keyword arguments raise ``TypeError`` as they would with the real one.
+Unknown keyword arguments raise ``TypeError`` as they would with the real one. Its names,
+signatures and defaults are a subset of vLLM 0.26.0's (tests/data/vllm_api_0.26.0.json;
+tests/test_vllm_api.py checks it).
 
 Every ``LLM(...)`` and ``LLM.generate(...)`` call is appended as one JSON line
 to ``$FAKE_VLLM_LOG`` (with the process id and ``CUDA_VISIBLE_DEVICES``), so a
@@ -17,21 +19,23 @@ A completion that ends before ``max_tokens`` ends with ``EOS_ID``.
 ``$FAKE_VLLM_FAIL_INIT`` makes ``LLM(...)`` raise.
 """
 
+import dataclasses
 import json
 import os
 
+__version__ = "0.26.0+fake"
 CHAR_BASE = 1_000_000
 EOS_ID = 999_999
 
 _LLM_ARGS = {
     "tokenizer", "tokenizer_mode", "skip_tokenizer_init", "trust_remote_code", "tensor_parallel_size",
     "dtype", "quantization", "revision", "tokenizer_revision", "seed", "gpu_memory_utilization",
-    "swap_space", "cpu_offload_gb", "enforce_eager", "max_model_len", "max_num_seqs",
+    "cpu_offload_gb", "enforce_eager", "max_model_len", "max_num_seqs",
     "disable_custom_all_reduce", "pipeline_parallel_size", "enable_prefix_caching",
 }
 _SAMPLING_DEFAULTS = {
     "n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-    "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "seed": None, "stop": None,
+    "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": None, "stop": None,
     "stop_token_ids": None, "ignore_eos": False, "max_tokens": 16, "min_tokens": 0,
     "logprobs": None, "skip_special_tokens": True, "include_stop_str_in_output": False,
 }
@@ -60,6 +64,7 @@ class SamplingParams:
         unknown = set(kwargs) - set(_SAMPLING_DEFAULTS)
         if unknown:
             raise TypeError(f"SamplingParams got unexpected keyword arguments {sorted(unknown)}")
+        self.given = sorted(kwargs)  # what the caller passed, for the log
         for name, default in _SAMPLING_DEFAULTS.items():
             setattr(self, name, kwargs.get(name, default))
         if isinstance(self.stop, str):
@@ -69,23 +74,24 @@ class SamplingParams:
         return {name: getattr(self, name) for name in _SAMPLING_DEFAULTS}
 
 
+@dataclasses.dataclass
 class CompletionOutput:
-    def __init__(self, index, text, token_ids, cumulative_logprob=None, logprobs=None,
-                 finish_reason=None, stop_reason=None):
-        self.index = index
-        self.text = text
-        self.token_ids = token_ids
-        self.cumulative_logprob = cumulative_logprob
-        self.logprobs = logprobs
-        self.finish_reason = finish_reason
-        self.stop_reason = stop_reason
+    index: int
+    text: str
+    token_ids: list
+    cumulative_logprob: float | None
+    logprobs: list | None
+    routed_experts: object = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class RequestOutput:
-    def __init__(self, request_id, prompt, prompt_token_ids, outputs, finished=True):
+    def __init__(self, request_id, prompt, prompt_token_ids, prompt_logprobs, outputs, finished):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
+        self.prompt_logprobs = prompt_logprobs
         self.outputs = outputs
         self.finished = finished
 
@@ -119,11 +125,11 @@ def _complete(prompt, params: SamplingParams, script: dict) -> CompletionOutput:
             if text.endswith(stop):
                 shown = text if params.include_stop_str_in_output else text[: -len(stop)]
                 tokens = [CHAR_BASE + ord(c) for c in text]
-                return CompletionOutput(0, shown, tokens, finish_reason="stop", stop_reason=stop)
+                return CompletionOutput(0, shown, tokens, None, None, finish_reason="stop", stop_reason=stop)
     if len(rest) >= params.max_tokens:
         text = rest[: params.max_tokens]
-        return CompletionOutput(0, text, [CHAR_BASE + ord(c) for c in text], finish_reason="length")
-    return CompletionOutput(0, rest, [CHAR_BASE + ord(c) for c in rest] + [EOS_ID], finish_reason="stop")
+        return CompletionOutput(0, text, [CHAR_BASE + ord(c) for c in text], None, None, finish_reason="length")
+    return CompletionOutput(0, rest, [CHAR_BASE + ord(c) for c in rest] + [EOS_ID], None, None, finish_reason="stop")
 
 
 class LLM:
@@ -137,7 +143,7 @@ class LLM:
         self.kwargs = kwargs
         _log({"event": "init", "model": model, "kwargs": kwargs})
 
-    def generate(self, prompts, sampling_params=None, use_tqdm=True, lora_request=None):
+    def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None):
         single = isinstance(prompts, (str, dict))
         prompts = [prompts] if single else list(prompts)
         if sampling_params is None:
@@ -152,6 +158,7 @@ class LLM:
             "event": "generate",
             "prompts": prompts,
             "params": [p.as_dict() for p in params],
+            "given": sorted({name for p in params for name in p.given}),
             "use_tqdm": use_tqdm,
         })
         script = _script()
@@ -159,5 +166,5 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
             text = prompt if isinstance(prompt, str) else None
-            outputs.append(RequestOutput(str(i), text, ids, [_complete(prompt, p, script)]))
+            outputs.append(RequestOutput(str(i), text, ids, None, [_complete(prompt, p, script)], True))
         return outputs
