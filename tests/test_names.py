@@ -91,7 +91,7 @@ def load_script(path):
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("names")
     ctxs = [{"title": f"T{j}", "text": f"passage {j}", "isgold": j == 0} for j in range(3)]
-    write_jsonl(str(d / "nq.jsonl.gz"), [{"question": "q?", "answers": ["a"], "ctxs": ctxs}])
+    write_jsonl(str(d / "nq.jsonl.gz"), [{"question": "q?", "answers": ["x"], "ctxs": ctxs}])
     (d / "summary.json").write_text("[]")
     return d
 
@@ -130,3 +130,15 @@ def test_every_name_flag_refuses_paths(tmp_path, capsys, inputs, script, flag, o
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith(f"error: {flag}") and err.count("\n") == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["gen_advantageous_pos_for_R1.py", "eval_data.py"])
+def test_model_name_is_checked_before_the_input_is_read(tmp_path, capsys, script):
+    # flags first: a bad --model name is the error even when the input is missing
+    argv = ["--input-path", str(tmp_path / "missing.jsonl"), "--total_doc", "3", "--model", "models/..",
+            "--output-path", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stop:
+        run_cli(load_script(script).main, argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: --model"), err
+    assert not (tmp_path / "out").exists()

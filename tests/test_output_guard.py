@@ -23,6 +23,7 @@ from kd import train_kd
 from pos2distill.errors import UserError
 from pos2distill.jsonl import AtomicJsonlWriter
 from pos2distill.model_check import check_model_folder
+from pos2distill.names import checkpoint_name, overlay_prefix
 from pos2distill.output_guard import NAME_MAX, NAME_RESERVE, OutputLock, fit_name
 from pos2distill.resumable import ChunkedOutput
 
@@ -36,8 +37,8 @@ def no_model(*_, **__):
 @pytest.fixture
 def guarded(monkeypatch):
     """Any model load fails the test: every check here must come before one."""
-    monkeypatch.setattr(stage1, "make_backend", no_model)
-    monkeypatch.setattr(eval_data, "make_backend", no_model)
+    monkeypatch.setattr(stage1, "open_backend", no_model)
+    monkeypatch.setattr(eval_data, "open_backend", no_model)
 
 
 # ---- class 1: two runs on one output ---------------------------------------------------------
@@ -70,7 +71,7 @@ def test_second_stage2_and_training_run_are_refused(tmp_path, stage2_input, caps
         assert_error(cli(create_datasets.main, stage2_args(stage2_input, out), capsys), "being written by another run")
     (tmp_path / "ds").mkdir()
     save = tmp_path / "save"
-    run = train_kd.run_name(str(tmp_path / "ds"), (0.0, 0.0, 0.0, 1.0), 1.0)
+    run = checkpoint_name(str(tmp_path / "ds"), (0.0, 0.0, 0.0, 1.0), 1.0)
     argv = ["--dataset", tmp_path / "ds", "--pretrain", "nope/x", "--save_path", save]
     with OutputLock(str(save / run)):
         assert_error(cli(train_kd.main, argv, capsys), "being written by another run")
@@ -135,7 +136,7 @@ def test_stage1_output_equal_to_input_is_refused(tmp_path, tiny_model, capsys, g
 def existing_training_folder(tmp_path, **files):
     """A dataset folder ``ds`` and the model folder a training on it saves, already there with ``files``."""
     (tmp_path / "ds").mkdir()
-    folder = tmp_path / "save" / train_kd.run_name(str(tmp_path / "ds"), (0.0, 0.0, 0.0, 1.0), 1.0)
+    folder = tmp_path / "save" / checkpoint_name(str(tmp_path / "ds"), (0.0, 0.0, 0.0, 1.0), 1.0)
     folder.mkdir(parents=True)
     for name, text in files.items():
         (folder / name.replace("__", ".")).write_text(text)
@@ -249,10 +250,10 @@ def test_output_path_of_the_wrong_kind(tmp_path, tiny_model, capsys, guarded):
 def test_long_names_are_shortened_deterministically_or_refused(tmp_path, capsys):
     labels = ["a-very-long-model-label-" + "x" * 60 + str(i) for i in range(3)]
     args = eval_data.parse_args(["--input-path", "x", "--model", "m", "--output-path", str(tmp_path)])
-    prefix = os.path.basename(eval_data.table_prefix(args, "nq", labels))
+    prefix = os.path.basename(overlay_prefix(args.output_path, "nq", args.total_doc, labels))
     assert len(prefix.encode()) <= NAME_MAX - NAME_RESERVE and prefix.startswith("positions_20docs_a-very-long")
-    assert prefix == os.path.basename(eval_data.table_prefix(args, "nq", labels))
-    assert prefix != os.path.basename(eval_data.table_prefix(args, "nq", labels[:2] + ["other"]))
+    assert prefix == os.path.basename(overlay_prefix(args.output_path, "nq", args.total_doc, labels))
+    assert prefix != os.path.basename(overlay_prefix(args.output_path, "nq", args.total_doc, labels[:2] + ["other"]))
     assert fit_name("short") == "short" and len(fit_name("é" * 200).encode()) <= NAME_MAX - NAME_RESERVE
     assert_error(cli(prepare_data.main, ["kv", "--output", tmp_path / ("k" * 250 + ".jsonl")], capsys),
                  "file name too long")
