@@ -332,9 +332,12 @@ def train(args) -> None:
         if args.lr_scheduler == "cosine_with_min_lr" else {},
     )
     if args.gradient_checkpointing:
-        model.model.activation_checkpointing_enable(  # transformers' name since 5.23 (the old one warns)
-            activation_checkpointing_kwargs={"use_reentrant": args.gradient_checkpointing_use_reentrant}
-        )
+        # transformers >= 5.23 renamed it (the old name warns there); older releases know only the old one
+        kwargs = {"use_reentrant": args.gradient_checkpointing_use_reentrant}
+        if hasattr(model.model, "activation_checkpointing_enable"):
+            model.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     (model, optim, scheduler), teacher = strategy.prepare((model, optim, scheduler), teacher)
     strategy.print(f"timing: optimizer and DeepSpeed engines ready in {lap()}")
 
