@@ -4,7 +4,8 @@ Each example's distractors are shuffled once (seeded by example id), the gold
 document is inserted at ``--gold_doc`` and one answer is sampled per question.
 ``--gold_doc auto`` first measures greedy accuracy at every position on a
 held-out slice (examples just before the last ``--eval_holdout``, which stage 4
-evaluates) and takes the best position. Output, one record per example:
+evaluates) and keeps the first position unless another one is better by a paired
+test on the same questions (pos2distill/advantageous.py). Output, one record per example:
 raw_data/{dataset}/{model}_{total_doc}docs_{gold_doc}.jsonl.gz with
 ``documents``, ``distractors``, ``gold_idx``, ``oracle_prompt``, ``oracle_answer``
 and ``oracle_correct``. An interrupted run restarted with the same arguments
@@ -17,6 +18,7 @@ import os
 import sys
 import time
 
+from pos2distill.advantageous import choice_table, choose_position
 from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_name_from_path, precision_config,
                                   require_at_least)
 from pos2distill.errors import UserError, run_cli
@@ -27,7 +29,7 @@ from pos2distill.metrics import score_prediction
 from pos2distill.models import model_name, resolve_model
 from pos2distill.position_eval import check_prompt_lengths, evaluate_positions, prompt_examples
 from pos2distill.positions import parse_position, parse_positions
-from pos2distill.report import summarize, to_console
+from pos2distill.report import summarize
 from pos2distill.resumable import ChunkedOutput, file_identity
 
 
@@ -46,7 +48,11 @@ def parse_args(argv):
                         help="sample up to --max-new-tokens; by default sampling stops at the end of the first "
                              "line, the only part that is scored and trained on")
     parser.add_argument("--chunk_size", type=int, default=256, help="examples per resumable chunk")
-    parser.add_argument("--probe_num", type=int, default=100, help="--gold_doc auto: held-out examples to probe")
+    parser.add_argument("--probe_num", type=int, default=300,
+                        help="--gold_doc auto: held-out examples to probe (default 300: at 100 a 5-point lead is noise)")
+    parser.add_argument("--probe_alpha", type=float, default=0.05,
+                        help="--gold_doc auto: leave the first probed position only for one whose lead passes a "
+                             "one-sided McNemar test, Holm-corrected, at this level (pos2distill/advantageous.py)")
     parser.add_argument("--probe_positions", default="all", help="--gold_doc auto: positions to probe")
     parser.add_argument("--eval_holdout", type=int, default=500,
                         help="--gold_doc auto: the last N examples (stage 4's) are never probed")
@@ -72,11 +78,10 @@ def choose_advantageous_position(args, backend, examples, instruction) -> tuple[
         backend, [examples[i] for i in ids], ids, positions, seed=args.seed, max_new_tokens=args.max_new_tokens,
         max_prompt_length=args.max_prompt_length, instruction=instruction,
     )
-    summary = summarize(records, "probe", args.total_doc)
-    best = max(summary["positions"], key=lambda p: (summary["accuracy"][p], -p))
-    print(to_console([summary]))
-    print(f"advantageous position: {best} (accuracy {summary['accuracy'][best]:.1f})")
-    return best, summary
+    choice = choose_position(records, args.probe_alpha)
+    print(choice_table(choice))
+    print(f"advantageous position: {choice['chosen']} ({choice['reason']})")
+    return choice["chosen"], {**summarize(records, "probe", args.total_doc), "choice": choice}
 
 
 def output_file(args, dataset: str, model: str, position: int) -> str:
@@ -109,6 +114,8 @@ def main(argv):
     auto = args.gold_doc.strip().lower() == "auto"
     if auto:
         parse_positions(args.probe_positions, args.total_doc, "--probe_positions")
+        if not 0 < args.probe_alpha < 1:
+            raise UserError(f"--probe_alpha must be between 0 and 1, got {args.probe_alpha}")
         position = None
     else:
         position = parse_position(args.gold_doc, args.total_doc, "--gold_doc")
