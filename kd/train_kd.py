@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--teacher_model", default=None, help="teacher model (default: --pretrain)")
     kd.add_argument("--kd_coef", default="0.0,0.0,0.0,1.0", help="a,b,c,d: a*kd + b*lm + c*rank + d*adaptive")
     kd.add_argument("--perserve", type=float, default=1.0, help="lambda: anchor weight in the adaptive loss")
+    kd.add_argument("--adaptive_legacy_scale", action="store_true",
+                    help="adaptive loss as before issue 16, only to reproduce earlier runs: sum_i w_i KL_i per "
+                         "micro-batch, weights per micro-batch (default: off, the reference's 8 GPUs x 4 gradient "
+                         "in every layout; kd/losses.py adaptive_scale)")
     kd.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL losses")
     kd.add_argument("--rank_top_k", type=int, default=20, help="teacher top-k ids of the rank loss")
     kd.add_argument("--teacher_offload", action="store_true", help="ZeRO-3 parameter offload to CPU for the teacher")
