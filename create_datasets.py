@@ -5,7 +5,8 @@ keeps the first --example_num examples whose sampled answer is correct (--no_fil
 the first ones whatever their answer, a control) and
 writes a Hugging Face dataset (save_to_disk) named
 {model}_{total_doc}total_docs_filter_{K}random_{strengthen}strengthen_{N}
-under --output_dir, with position_counts.json (rows per gold position).
+(+ _seed{S} for a --seed other than 42) under --output_dir, with position_counts.json
+(rows per gold position).
 """
 
 import argparse
@@ -16,6 +17,7 @@ import os
 import shutil
 import sys
 
+from pos2distill.cli_args import DEFAULT_SEED, seed_suffix
 from pos2distill.errors import UserError, run_cli
 from pos2distill.jsonl import iter_jsonl, remove_stale_temporaries, replace_dir, temporary_name, write_text_atomic
 from pos2distill.metrics import score_prediction
@@ -36,7 +38,9 @@ def parse_args(argv):
     parser.add_argument("--input_path", default=None, help="stage-1 file (default: found under --raw_data_dir)")
     parser.add_argument("--raw_data_dir", default="raw_data")
     parser.add_argument("--output_dir", default="data")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"trivial positions and distractor shuffles (default {DEFAULT_SEED}; another seed adds "
+                             "_seed{N} to the dataset name)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser.parse_args(argv)
 
@@ -80,7 +84,7 @@ def main(argv):
     if not rows:
         raise UserError("no rows to write (K = 0 and --strengthen 0?)")
     name = dataset_dir_name(args.model_name, args.total_doc, args.position_sample_num, args.strengthen, len(kept),
-                            filtered=not args.no_filter)
+                            filtered=not args.no_filter) + seed_suffix(args.seed)
     path = os.path.join(args.output_dir, name)
     os.makedirs(args.output_dir, exist_ok=True)
     save_dataset(rows, path)

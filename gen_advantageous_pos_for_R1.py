@@ -20,7 +20,7 @@ import time
 
 from pos2distill.advantageous import choice_table, choose_position
 from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_name_from_path, precision_config,
-                                  require_at_least)
+                                  require_at_least, seed_suffix)
 from pos2distill.errors import UserError, run_cli
 from pos2distill.formats import example_to_raw, load_examples
 from pos2distill.generation import data_parallel_config, make_backend
@@ -87,7 +87,8 @@ def choose_advantageous_position(args, backend, examples, instruction) -> tuple[
 def output_file(args, dataset: str, model: str, position: int) -> str:
     if args.output_path.endswith((".jsonl", ".jsonl.gz")):
         return args.output_path
-    return os.path.join(args.output_path, dataset, f"{model}_{args.total_doc}docs_{position}.jsonl.gz")
+    return os.path.join(args.output_path, dataset,
+                        f"{model}_{args.total_doc}docs_{position}{seed_suffix(args.seed)}.jsonl.gz")
 
 
 def stage1_record(item, answer: str, instruction: str, model: str) -> dict:

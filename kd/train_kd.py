@@ -19,6 +19,7 @@ if __name__ == "__main__" and not __package__:
     # from the repository root rather than the sibling files in kd/.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from pos2distill.cli_args import DEFAULT_SEED, seed_suffix
 from pos2distill.errors import UserError, run_cli
 from pos2distill.jsonl import replace_dir, write_text_atomic
 
@@ -41,11 +42,12 @@ def parse_kd_coef(text: str) -> tuple:
     return values
 
 
-def run_name(dataset: str, kd_coef: tuple, perserve: float) -> str:
-    """``{dataset}_kd{a}_lm{b}_rank{c}_adaptive{d}_{perserve}``, floats written like 1.0."""
+def run_name(dataset: str, kd_coef: tuple, perserve: float, seed: int = DEFAULT_SEED) -> str:
+    """``{dataset}_kd{a}_lm{b}_rank{c}_adaptive{d}_{perserve}``, floats written like 1.0, and
+    ``_seed{N}`` for a --seed other than the default (seeds must not overwrite each other)."""
     basename = os.path.basename(os.path.normpath(dataset))
     mix = "_".join(f"{name}{float(value)}" for name, value in zip(LOSS_FLAGS, kd_coef))
-    return f"{basename}_{mix}_{float(perserve)}"
+    return f"{basename}_{mix}_{float(perserve)}{seed_suffix(seed)}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--max_norm", type=float, default=1.0, help="gradient clipping")
     optim.add_argument("--train_batch_size", type=int, default=32, help="global batch (all processes)")
     optim.add_argument("--micro_train_batch_size", type=int, default=4, help="batch per process and forward")
-    optim.add_argument("--seed", type=int, default=42)
+    optim.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                       help=f"data order, LoRA initialisation (default {DEFAULT_SEED}; another seed adds _seed{{N}} "
+                            "to the output folder name)")
     optim.add_argument("--full_determinism", action="store_true")
 
     ds = parser.add_argument_group("deepspeed")
@@ -147,7 +151,7 @@ def parse_args(argv):
     if args.temperature <= 0 or args.perserve < 0:
         raise UserError("--temperature must be positive and --perserve non-negative")
     args.teacher_model = args.teacher_model or args.pretrain
-    args.run_name = run_name(args.dataset, args.kd_coef, args.perserve)
+    args.run_name = run_name(args.dataset, args.kd_coef, args.perserve, args.seed)
     args.output_dir = os.path.join(args.save_path, args.run_name)
     if args.wandb_run_name is None:
         args.wandb_run_name = os.path.join(args.dataset_name, args.run_name) if args.dataset_name else args.run_name

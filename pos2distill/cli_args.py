@@ -6,6 +6,14 @@ import re
 
 from .errors import UserError
 
+DEFAULT_SEED = 42
+
+
+def seed_suffix(seed: int) -> str:
+    """``_seed{N}`` for an output name when ``seed`` is not the default: runs of several seeds do not
+    overwrite each other, and names of default-seed runs stay as they were."""
+    return "" if seed == DEFAULT_SEED else f"_seed{seed}"
+
 
 def add_model_flags(parser: argparse.ArgumentParser, several_models: bool = False) -> None:
     help_text = "local folder, hub id, .gguf file, or SmolLM2-135M-Instruct (embedded default)"
@@ -30,7 +38,7 @@ def add_model_flags(parser: argparse.ArgumentParser, several_models: bool = Fals
                         help="longest prompt in tokens; longer prompts are an error, never truncated")
     parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=100)
     parser.add_argument("--instruction", default="reference", help="reference (the R1 prompt, typo kept) | corrected")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
