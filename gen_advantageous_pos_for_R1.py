@@ -60,6 +60,9 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+PROBE_PROMPTS_PER_CALL = 2048
+
+
 def probe_slice(num_examples: int, probe_num: int, holdout: int) -> range:
     """Examples just before the evaluation hold-out; the whole file's tail if it is too short."""
     end = num_examples - holdout
@@ -74,9 +77,13 @@ def choose_advantageous_position(args, backend, examples, instruction) -> tuple[
     ids = list(probe_slice(len(examples), args.probe_num, args.eval_holdout))
     positions = parse_positions(args.probe_positions, args.total_doc, "--probe_positions")
     print(f"== --gold_doc auto: greedy accuracy at {len(positions)} positions on examples {ids[0]}..{ids[-1]}")
+    # Several positions per generate call: one example's prompts at different positions are about
+    # equally long, so the backend's longest-first batches carry less padding (prefill is most of
+    # the time on a CPU); capped so that one call's prompts and token ids stay small.
+    per_call = max(1, min(len(positions), PROBE_PROMPTS_PER_CALL // len(ids)))
     records, _ = evaluate_positions(
         backend, [examples[i] for i in ids], ids, positions, seed=args.seed, max_new_tokens=args.max_new_tokens,
-        max_prompt_length=args.max_prompt_length, instruction=instruction,
+        max_prompt_length=args.max_prompt_length, instruction=instruction, positions_per_call=per_call,
     )
     choice = choose_position(records, args.probe_alpha)
     print(choice_table(choice))

@@ -1,12 +1,17 @@
 """Stage 1's choice of the advantageous position: noise keeps the first, a real lead moves it."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
 from pos2distill.advantageous import choice_table, choose_position
 from pos2distill.errors import UserError
 from pos2distill.paired import holm_adjusted, mcnemar_exact_p, mcnemar_one_sided_p
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def probe_records(right_by_position: dict, n: int = 100) -> list[dict]:
@@ -63,3 +68,11 @@ def test_bad_probes_are_errors():
         choose_position(probe_records({0: set()}, 3) + [{"example_id": 0, "gold_idx": 1, "correct": True}])
     with pytest.raises(UserError, match="probe_alpha"):
         choose_position(probe_records({0: set()}, 3), alpha=1.5)
+
+
+def test_bad_probe_alpha_fails_before_anything_is_loaded(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "gen_advantageous_pos_for_R1.py"), "--input-path",
+                           str(tmp_path / "missing.jsonl"), "--gold_doc", "auto", "--probe_alpha", "0",
+                           "--output-path", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip() == "error: --probe_alpha must be between 0 and 1, got 0.0"
+    assert not os.path.exists(tmp_path / "out")
