@@ -5,7 +5,8 @@ keeps the first --example_num examples whose sampled answer is correct (--no_fil
 the first ones whatever their answer, a control) and
 writes a Hugging Face dataset (save_to_disk) named
 {model}_{total_doc}total_docs_filter_{K}random_{strengthen}strengthen_{N}
-under --output_dir, with position_counts.json (rows per gold position).
+(+ _seed{S} for a --seed other than 42) under --output_dir, with position_counts.json
+(rows per gold position).
 """
 
 import glob
@@ -20,7 +21,7 @@ from pos2distill.errors import UserError, run_cli
 from pos2distill.flag_types import harden_numbers
 from pos2distill.jsonl import iter_jsonl, remove_stale_temporaries, replace_dir, temporary_name, write_text_atomic
 from pos2distill.metrics import score_prediction
-from pos2distill.names import check_names, dataset_name, stage1_file
+from pos2distill.names import DEFAULT_SEED, check_names, dataset_name, stage1_file
 from pos2distill.output_guard import claim_output, releasing_locks
 from pos2distill.pairs import build_rows, position_counts, select_correct
 from pos2distill.replace_guard import check_replaceable, write_manifest
@@ -43,7 +44,9 @@ def build_parser():
     parser.add_argument("--input_path", default=None, help="stage-1 file (default: found under --raw_data_dir)")
     parser.add_argument("--raw_data_dir", default="raw_data", help="stage 1's --output-path")
     parser.add_argument("--output_dir", default="data", help="where the dataset folder is written")
-    parser.add_argument("--seed", type=int, default=42, help="seeds the choice of trivial positions")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"trivial positions and distractor shuffles (default {DEFAULT_SEED}; another seed adds "
+                             "_seed{N} to the dataset name)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a dataset of this name built from other rows (other seed or stage-1 file); "
                              "default: refuse. Files this project did not write are never deleted")
@@ -101,7 +104,7 @@ def main(argv):
     if not rows:
         raise UserError("no rows to write (K = 0 and --strengthen 0?)")
     name = dataset_name(args.model_name, args.total_doc, args.position_sample_num, args.strengthen, len(kept),
-                            filtered=not args.no_filter)
+                        filtered=not args.no_filter, seed=args.seed)
     path = os.path.join(args.output_dir, name)
     claim_output(path, {"--input_path": source}, folder=True, flag="--output_dir")
     # Same rows again (a rerun): replaced by the same bytes. Other rows: only with --overwrite.

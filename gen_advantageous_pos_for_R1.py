@@ -4,7 +4,8 @@ Each example's distractors are shuffled once (seeded by example id), the gold
 document is inserted at ``--gold_doc`` and one answer is sampled per question.
 ``--gold_doc auto`` first measures greedy accuracy at every position on a
 held-out slice (examples just before the last ``--eval_holdout``, which stage 4
-evaluates) and takes the best position. Output, one record per example:
+evaluates) and keeps the first position unless another one is better by a paired
+test on the same questions (pos2distill/advantageous.py). Output, one record per example:
 raw_data/{dataset}/{model}_{total_doc}docs_{gold_doc}.jsonl.gz with
 ``documents``, ``distractors``, ``gold_idx``, ``oracle_prompt``, ``oracle_answer``
 and ``oracle_correct``. An interrupted run restarted with the same arguments
@@ -16,6 +17,7 @@ import os
 import sys
 import time
 
+from pos2distill.advantageous import choice_table, choose_position
 from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_name_from_path, precision_config,
                                   require_at_least, software_config)
 from pos2distill.cli_help import new_parser
@@ -31,7 +33,7 @@ from pos2distill.names import check_name, check_names, model_name, stage1_file, 
 from pos2distill.output_guard import check_writable, claim_output, releasing_locks
 from pos2distill.position_eval import check_prompt_lengths, evaluate_positions, prompt_examples
 from pos2distill.positions import parse_position, parse_positions
-from pos2distill.report import summarize, to_console
+from pos2distill.report import summarize
 from pos2distill.resumable import ChunkedOutput, file_identity
 
 
@@ -50,7 +52,11 @@ def build_parser():
                         help="sample up to --max-new-tokens; by default sampling stops at the end of the first "
                              "line, the only part that is scored and trained on")
     parser.add_argument("--chunk_size", type=int, default=256, help="examples per resumable chunk")
-    parser.add_argument("--probe_num", type=int, default=100, help="--gold_doc auto: held-out examples to probe")
+    parser.add_argument("--probe_num", type=int, default=300,
+                        help="--gold_doc auto: held-out examples to probe (default 300: at 100 a 5-point lead is noise)")
+    parser.add_argument("--probe_alpha", type=float, default=0.05,
+                        help="--gold_doc auto: leave the first probed position only for one whose lead passes a "
+                             "one-sided McNemar test, Holm-corrected, at this level (pos2distill/advantageous.py)")
     parser.add_argument("--probe_positions", default="all", help="--gold_doc auto: positions to probe")
     parser.add_argument("--eval_holdout", type=int, default=500,
                         help="--gold_doc auto: the last N examples (stage 4's) are never probed")
@@ -60,6 +66,9 @@ def build_parser():
 
 def parse_args(argv):
     return build_parser().parse_args(argv)
+
+
+PROBE_PROMPTS_PER_CALL = 2048
 
 
 def probe_slice(num_examples: int, probe_num: int, holdout: int) -> range:
@@ -76,21 +85,24 @@ def choose_advantageous_position(args, backend, examples, instruction) -> tuple[
     ids = list(probe_slice(len(examples), args.probe_num, args.eval_holdout))
     positions = parse_positions(args.probe_positions, args.total_doc, "--probe_positions")
     print(f"== --gold_doc auto: greedy accuracy at {len(positions)} positions on examples {ids[0]}..{ids[-1]}")
+    # Several positions per generate call: one example's prompts at different positions are about
+    # equally long, so the backend's longest-first batches carry less padding (prefill is most of
+    # the time on a CPU); capped so that one call's prompts and token ids stay small.
+    per_call = max(1, min(len(positions), PROBE_PROMPTS_PER_CALL // len(ids)))
     records, _ = evaluate_positions(
         backend, [examples[i] for i in ids], ids, positions, seed=args.seed, max_new_tokens=args.max_new_tokens,
-        max_prompt_length=args.max_prompt_length, instruction=instruction,
+        max_prompt_length=args.max_prompt_length, instruction=instruction, positions_per_call=per_call,
     )
-    summary = summarize(records, "probe", args.total_doc)
-    best = max(summary["positions"], key=lambda p: (summary["accuracy"][p], -p))
-    print(to_console([summary]))
-    print(f"advantageous position: {best} (accuracy {summary['accuracy'][best]:.1f})")
-    return best, summary
+    choice = choose_position(records, args.probe_alpha)
+    print(choice_table(choice))
+    print(f"advantageous position: {choice['chosen']} ({choice['reason']})")
+    return choice["chosen"], {**summarize(records, "probe", args.total_doc), "choice": choice}
 
 
 def output_file(args, dataset: str, model: str, position: int) -> str:
     if args.output_path.endswith((".jsonl", ".jsonl.gz")):
         return args.output_path
-    return stage1_file(args.output_path, dataset, model, args.total_doc, position)
+    return stage1_file(args.output_path, dataset, model, args.total_doc, position, args.seed)
 
 
 def stage1_record(item, answer: str, instruction: str, model: str) -> dict:
@@ -123,6 +135,8 @@ def main(argv):
     auto = args.gold_doc.strip().lower() == "auto"
     if auto:
         parse_positions(args.probe_positions, args.total_doc, "--probe_positions")
+        if not 0 < args.probe_alpha < 1:
+            raise UserError(f"--probe_alpha must be between 0 and 1, got {args.probe_alpha}")
         position = None
     else:
         position = parse_position(args.gold_doc, args.total_doc, "--gold_doc")

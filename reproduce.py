@@ -129,7 +129,8 @@ def training_steps(args, variant, seed, stage1, dataset, model):
     v = experiments.VARIANTS[variant]
     filtered = v.get("filter", True)
     data_dir = os.path.join(args.out, "data", f"seed{seed}")
-    folder = os.path.join(data_dir, dataset_name(model, args.total_doc, args.k, v["strengthen"], args.num, filtered))
+    folder = os.path.join(data_dir, dataset_name(model, args.total_doc, args.k, v["strengthen"], args.num, filtered,
+                                                seed=seed))
     stage2 = Step(f"stage2-{v['strengthen']}strengthen-{'filter' if filtered else 'nofilter'}-seed{seed}",
                   [PY, "create_datasets.py", "--model_name", model, "--dataset_name", dataset,
                    "--total_doc", str(args.total_doc), "--position_sample_num", str(args.k),
@@ -137,7 +138,7 @@ def training_steps(args, variant, seed, stage1, dataset, model):
                    "--raw_data_dir", os.path.join(args.out, "raw_data"), "--output_dir", data_dir]
                   + ([] if filtered else ["--no_filter"]), needs=(stage1.id,), outputs=(folder,))
     save = os.path.join(args.out, "checkpoints", f"{variant}-seed{seed}")
-    ckpt = os.path.join(save, checkpoint_name(folder, parse_kd_coef(v["kd_coef"]), args.perserve))
+    ckpt = os.path.join(save, checkpoint_name(folder, parse_kd_coef(v["kd_coef"]), args.perserve, seed))
     env = {"MODEL": args.model, "DATASET": folder, "DATA_ROOT": data_dir, "DATASET_NAME": dataset,
            "SAVE_PATH": save, "CKPT_PATH": os.path.join(save, "_deepspeed_ckpt"),
            "TENSORBOARD": os.path.join(args.out, "tensorboard"), "KD_COEF": v["kd_coef"], "LR": args.lr,

@@ -181,6 +181,24 @@ def _no_gather(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+REFERENCE_MICRO_BATCH = 4  # the reference's layout: 8 GPUs x micro-batch 4, global batch 32
+
+
+def adaptive_scale(micro_batch_size: int, legacy: bool = False) -> float:
+    """Factor s on this rank's sum_i w_i KL_i that makes the gradient independent of the layout.
+
+    DeepSpeed turns the micro-batch losses L_{r,a} of W ranks and A accumulation steps (global
+    batch G = W * A * m, micro-batch m) into the gradient g = (1 / (W * A)) sum_{r,a} grad L_{r,a}:
+    ``engine.backward`` divides each loss by A and the data-parallel reduction averages over W.
+    With L_{r,a} = s * sum_{i in (r,a)} w_i KL_i that is g = (s * m / G) sum_{i in G} w_i grad KL_i.
+    The reference (W = 8, A = 1, m = 4, s = 1) has g = (4 / G) sum_i w_i grad KL_i = (1/8) sum over
+    its 32 rows, so s = REFERENCE_MICRO_BATCH / m gives the reference's gradient in every layout
+    (1 x 32: s = 1/8; 2 GPUs x 16: 1/4; 1 GPU x 8 x 4 accumulation steps: 1/2).
+    ``legacy``: s = 1, the scale before issue 16 (8x the reference's gradient at 1 GPU x 32).
+    """
+    return 1.0 if legacy else REFERENCE_MICRO_BATCH / float(micro_batch_size)
+
+
 def adaptive_loss(
     tok_kl: torch.Tensor,
     mask: torch.Tensor,
@@ -189,23 +207,44 @@ def adaptive_loss(
     perserve: float = 1.0,
     gather: Gather = _no_gather,
     rank: int = 0,
+    scale: float = 1.0,
+    weights: Optional[torch.Tensor] = None,
 ) -> tuple:
-    """Pos2Distill loss on this rank: sum_i w_i * KL_i over the local samples.
+    """Pos2Distill loss on this rank: scale * sum_i w_i * KL_i over the local samples.
 
-    KL_i is :func:`sample_kl`; the weights come from :func:`adaptive_weights` on the global
-    batch, built by ``gather`` (concatenate a tensor over ranks in rank order, equal local
-    sizes) from the detached KL_i, ``gold_idx`` and ``is_anchor``. Returns (loss, local weights).
+    KL_i is :func:`sample_kl`; ``scale`` is :func:`adaptive_scale`. The weights are ``weights``
+    when given (:func:`adaptive_step_weights`: over all micro-batches of the optimizer step),
+    else :func:`adaptive_weights` on this micro-batch over all ranks, built by ``gather``
+    (concatenate a tensor over ranks in rank order, equal local sizes) from the detached KL_i,
+    ``gold_idx`` and ``is_anchor``. Returns (loss, local weights).
     """
     mask = mask.float()
     kl = sample_kl(tok_kl, mask)
-    local = kl.shape[0]
-    global_kl = gather(kl.detach().float())
-    global_gold = gather(gold_idx.long())
-    global_anchor = gather(is_anchor.long())
-    global_valid = gather((mask.sum(-1) > 0).long())
-    weights = adaptive_weights(global_kl, global_gold, global_anchor, perserve, global_valid)
-    own = weights[rank * local : (rank + 1) * local].to(kl.device)
-    return (own * kl).sum(), own
+    if weights is None:
+        weights = _local_share(
+            adaptive_weights(gather(kl.detach().float()), gather(gold_idx.long()), gather(is_anchor.long()), perserve,
+                             gather((mask.sum(-1) > 0).long())), kl.shape[0], rank)
+    own = weights.to(kl.device)
+    return scale * (own * kl).sum(), own
+
+
+def _local_share(weights: torch.Tensor, local: int, rank: int) -> torch.Tensor:
+    return weights[rank * local : (rank + 1) * local]
+
+
+def adaptive_step_weights(kls: Sequence[torch.Tensor], gold_idx: Sequence[torch.Tensor],
+                          is_anchor: Sequence[torch.Tensor], valid: Sequence[torch.Tensor], perserve: float = 1.0,
+                          gather: Gather = _no_gather, rank: int = 0) -> list:
+    """The weights of this rank's micro-batches of one optimizer step, from :func:`adaptive_weights`
+    on the whole global batch (every rank's every micro-batch), so that gradient accumulation
+    sees the same groups as one large batch. Per micro-batch a: ``kls[a]`` (KL_i, no gradient),
+    ``gold_idx[a]``, ``is_anchor[a]``, ``valid[a]`` (has response tokens); equal sizes on all ranks.
+    """
+    sizes = [k.shape[0] for k in kls]
+    cat = lambda parts, dtype: gather(torch.cat([p.detach().to(dtype) for p in parts]))
+    weights = adaptive_weights(cat(kls, torch.float32), cat(gold_idx, torch.long), cat(is_anchor, torch.long),
+                               perserve, cat(valid, torch.long))
+    return list(_local_share(weights, sum(sizes), rank).split(sizes))
 
 
 LOSS_NAMES = ("kd", "lm", "rank", "adaptive")
@@ -215,11 +254,19 @@ class DistillationLoss(nn.Module):
     """total = a * kd + b * lm + c * rank + d * adaptive, with ``coefs = (a, b, c, d)``.
 
     Components with a zero coefficient are still computed for logging, without gradient.
+
+    Under DeepSpeed (gradient = mean over ranks and accumulation steps of the micro-batch
+    gradients): adaptive is made layout-invariant by ``adaptive_scale`` and step-wide weights
+    (:func:`adaptive_scale`); kd is a mean over the micro-batch's samples, hence invariant for
+    equal micro-batches whose samples all have response tokens; lm and rank are token means
+    per micro-batch, so each micro-batch counts equally whatever its token count - invariant
+    only when micro-batches hold equal numbers of response tokens, as in the reference.
     """
 
     def __init__(self, coefs: Sequence[float], perserve: float = 1.0, temperature: float = 1.0, top_k: int = 20,
-                 gather: Gather = _no_gather, rank: int = 0):
+                 gather: Gather = _no_gather, rank: int = 0, adaptive_scale: float = 1.0):
         super().__init__()
+        self.adaptive_scale = adaptive_scale
         self.coefs = dict(zip(LOSS_NAMES, (float(c) for c in coefs)))
         self.perserve = perserve
         self.temperature = temperature
@@ -227,7 +274,14 @@ class DistillationLoss(nn.Module):
         self.gather = gather
         self.rank = rank
 
-    def forward(self, student_logits, teacher_logits, labels, mask, gold_idx, is_anchor) -> dict:
+    def sample_kl(self, student_logits, teacher_logits, mask) -> torch.Tensor:
+        """KL_i of each sample, no gradient: the statistics behind :func:`adaptive_step_weights`."""
+        with torch.no_grad():
+            return sample_kl(token_kl(student_logits, teacher_logits, self.temperature), mask.float())
+
+    def forward(self, student_logits, teacher_logits, labels, mask, gold_idx, is_anchor, weights=None) -> dict:
+        """The components and ``total``; ``weights``: the adaptive weights of these rows, when
+        computed over the whole optimizer step (:func:`adaptive_step_weights`)."""
         mask = mask.float()
         needs_kl = self.coefs["kd"] > 0 or self.coefs["adaptive"] > 0
         with torch.set_grad_enabled(torch.is_grad_enabled() and needs_kl):
@@ -237,7 +291,7 @@ class DistillationLoss(nn.Module):
             "lm": lambda: lm_loss(student_logits, labels, mask),
             "rank": lambda: rank_loss(student_logits, teacher_logits, mask, self.top_k, self.temperature),
             "adaptive": lambda: adaptive_loss(
-                tok_kl, mask, gold_idx, is_anchor, self.perserve, self.gather, self.rank
+                tok_kl, mask, gold_idx, is_anchor, self.perserve, self.gather, self.rank, self.adaptive_scale, weights
             )[0],
         }
         out = {}

@@ -23,7 +23,7 @@ from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.flag_types import harden_numbers
 from pos2distill.jsonl import replace_dir, write_text_atomic
-from pos2distill.names import check_names, checkpoint_name, parse_kd_coef
+from pos2distill.names import DEFAULT_SEED, check_names, checkpoint_name, parse_kd_coef
 from pos2distill.output_guard import claim_output, refuse_output_is_input, releasing_locks
 from pos2distill.replace_guard import check_replaceable, write_manifest
 
@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--teacher_model", default=None, help="teacher model (default: --pretrain)")
     kd.add_argument("--kd_coef", default="0.0,0.0,0.0,1.0", help="a,b,c,d: a*kd + b*lm + c*rank + d*adaptive")
     kd.add_argument("--perserve", type=float, default=1.0, help="lambda: anchor weight in the adaptive loss")
+    kd.add_argument("--adaptive_legacy_scale", action="store_true",
+                    help="adaptive loss as before issue 16, only to reproduce earlier runs: sum_i w_i KL_i per "
+                         "micro-batch, weights per micro-batch (default: off, the reference's 8 GPUs x 4 gradient "
+                         "in every layout; kd/losses.py adaptive_scale)")
     kd.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL losses")
     kd.add_argument("--rank_top_k", type=int, default=20, help="teacher top-k ids of the rank loss")
     kd.add_argument("--teacher_offload", action="store_true", help="ZeRO-3 parameter offload to CPU for the teacher")
@@ -71,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--max_norm", type=float, default=1.0, help="gradient clipping")
     optim.add_argument("--train_batch_size", type=int, default=32, help="global batch (all processes)")
     optim.add_argument("--micro_train_batch_size", type=int, default=4, help="batch per process and forward")
-    optim.add_argument("--seed", type=int, default=42, help="seeds data order, initialisation and dropout")
+    optim.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                       help=f"data order, initialisation and dropout (default {DEFAULT_SEED}; another seed adds "
+                            "_seed{N} to the output folder name)")
     optim.add_argument("--full_determinism", action="store_true", help="deterministic kernels (transformers.enable_full_determinism; slower)")
 
     ds = parser.add_argument_group("deepspeed")
@@ -139,7 +145,7 @@ def parse_args(argv):
     if args.l2 < 0 or args.max_norm < 0 or not all(0 <= b < 1 for b in args.adam_betas):
         raise UserError("--l2 and --max_norm must be non-negative and --adam_betas in [0, 1)")
     args.teacher_model = args.teacher_model or args.pretrain
-    args.run_name = checkpoint_name(args.dataset, args.kd_coef, args.perserve)
+    args.run_name = checkpoint_name(args.dataset, args.kd_coef, args.perserve, args.seed)
     args.output_dir = os.path.join(args.save_path, args.run_name)
     if args.wandb_run_name is None:
         args.wandb_run_name = os.path.join(args.dataset_name, args.run_name) if args.dataset_name else args.run_name

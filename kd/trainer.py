@@ -7,7 +7,7 @@ from pos2distill.progress import progress_bar
 
 from . import flash_attn_fallback
 from .example_sampler import ExampleGroupedSampler
-from .losses import LOSS_NAMES, DistillationLoss, student_teacher_logits
+from .losses import LOSS_NAMES, DistillationLoss, adaptive_scale, adaptive_step_weights, student_teacher_logits
 
 flash_attn_fallback.import_openrlhf()
 
@@ -53,7 +53,11 @@ class Pos2DistillTrainer(KDTrainer):
             top_k=args.rank_top_k,
             gather=strategy.all_gather,
             rank=strategy.get_rank(),
+            adaptive_scale=adaptive_scale(args.micro_train_batch_size, args.adaptive_legacy_scale),
         )
+        # Weights over the whole optimizer step need a no-grad pass over its micro-batches first.
+        self.step_weights = (args.kd_coef[3] > 0 and not args.adaptive_legacy_scale
+                             and strategy.accumulated_gradient > 1)
         self.max_consecutive_skips = args.max_consecutive_skips
         self.packed = args.packing_samples
         self.skipped_steps = skipped_steps
@@ -66,15 +70,47 @@ class Pos2DistillTrainer(KDTrainer):
         # Read-only: runs before the gradient reaches DeepSpeed's reduction.
         self._finite_flags.append(torch.isfinite(grad).all())
 
-    def compute_losses(self, batch: dict) -> dict:
-        """Loss components of one micro-batch (already on the device)."""
-        student_logits, teacher_logits = student_teacher_logits(
-            self.model.model, self.teacher_model.model, batch, batch["labels"].shape[1], self.packed
-        )
+    def _logits(self, batch: dict) -> tuple:
+        return student_teacher_logits(self.model.model, self.teacher_model.model, batch, batch["labels"].shape[1],
+                                      self.packed)
+
+    def compute_losses(self, batch: dict, weights=None) -> dict:
+        """Loss components of one micro-batch (already on the device); ``weights``: its adaptive
+        weights when computed over the optimizer step."""
+        student_logits, teacher_logits = self._logits(batch)
         return self.objective(
             student_logits, teacher_logits, batch["labels"], batch["response_mask"], batch["gold_idx"],
-            batch["is_anchor"],
+            batch["is_anchor"], weights,
         )
+
+    def micro_batches(self, accumulation: int):
+        """(micro-batch on the device, its adaptive weights or None), in data order.
+
+        With accumulation and the adaptive loss, the group weights must see the whole global
+        batch, as one large batch would: the step's micro-batches are read ahead and their KL_i
+        computed without gradient (the parameters do not change within a step, so they equal the
+        KL_i of the gradient pass), then gathered over ranks. Cost: one extra student and teacher
+        forward per micro-batch, no backward (about +50% compute per step); none without
+        accumulation.
+        """
+        device = self.strategy.device
+        batches = ({key: value.to(device) for key, value in batch.items()} for batch in self.train_dataloader)
+        if not self.step_weights:
+            yield from ((batch, None) for batch in batches)
+            return
+        step = []
+        for batch in batches:
+            step.append(batch)
+            if len(step) < accumulation:
+                continue
+            with torch.no_grad():
+                kls = [self.objective.sample_kl(*self._logits(b), b["response_mask"]) for b in step]
+            weights = adaptive_step_weights(
+                kls, [b["gold_idx"] for b in step], [b["is_anchor"] for b in step],
+                [b["response_mask"].sum(-1) > 0 for b in step], self.objective.perserve, self.objective.gather,
+                self.objective.rank)
+            yield from zip(step, weights)
+            step = []
 
     def fit(self, args, consumed_samples=0, num_update_steps_per_epoch=None):
         steps_per_epoch = num_update_steps_per_epoch
@@ -87,7 +123,6 @@ class Pos2DistillTrainer(KDTrainer):
         global_step = consumed_samples // args.train_batch_size
         start_epoch = global_step // steps_per_epoch
         consecutive_skips = 0
-        device = self.strategy.device
         self.teacher_model.eval()
         self.model.train()
 
@@ -103,11 +138,10 @@ class Pos2DistillTrainer(KDTrainer):
             micro_budget = (steps_per_epoch - done) * accumulation
             sums = {}
             self._finite_flags = []
-            for micro_step, batch in enumerate(self.train_dataloader):
+            for micro_step, (batch, weights) in enumerate(self.micro_batches(accumulation)):
                 if micro_step >= micro_budget:
                     break
-                batch = {key: value.to(device) for key, value in batch.items()}
-                losses = self.compute_losses(batch)
+                losses = self.compute_losses(batch, weights)
                 total = losses["total"]
                 self._finite_flags.append(torch.isfinite(total.detach()))
                 for name, value in losses.items():

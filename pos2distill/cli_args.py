@@ -5,6 +5,8 @@ import os
 import re
 
 from .errors import UserError
+from .names import DEFAULT_SEED
+
 
 
 def add_model_flags(parser: argparse.ArgumentParser, several_models: bool = False) -> None:
@@ -33,7 +35,8 @@ def add_model_flags(parser: argparse.ArgumentParser, several_models: bool = Fals
                         help="plain | pine (PINE: documents attend bidirectionally, positions re-assigned by "
                              "importance, order-invariant; hf backend, Llama/Qwen2, QA prompts; docs/pine.md)")
     parser.add_argument("--instruction", default="reference", help="reference (the R1 prompt, typo kept) | corrected")
-    parser.add_argument("--seed", type=int, default=42, help="seeds prompts' distractor order and sampling")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="seeds prompts' distractor order and sampling (another seed adds _seed{N} to stage 1's file)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 

@@ -21,6 +21,7 @@ from .output_guard import fit_name
 
 MAX_NAME_LENGTH = 100  # room for the prefixes and suffixes above inside a 255-byte file name
 LOSS_FLAGS = ("kd", "lm", "rank", "adaptive")  # --kd_coef's order, as written in checkpoint names
+DEFAULT_SEED = 42  # every stage's --seed default; names of default-seed runs carry no suffix
 
 # quantization tags at the end of GGUF file names: .Q4_1, .Q8_0, .IQ3_M, .f16, .bf16, ...
 _GGUF_QUANT_SUFFIX = re.compile(r"[.-](I?Q\d\w*|[Bb]?[Ff]16|[Ff]32)$")
@@ -64,9 +65,15 @@ def model_name(name_or_path: str) -> str:
     return gguf_stem(base) if base.endswith(".gguf") else base
 
 
-def stage1_file(raw_dir: str, dataset: str, model: str, total_docs: int, position) -> str:
+def seed_suffix(seed: int) -> str:
+    """``_seed{N}`` when ``seed`` is not the default: runs of several seeds do not overwrite each other,
+    and names of default-seed runs stay as they were."""
+    return "" if seed == DEFAULT_SEED else f"_seed{seed}"
+
+
+def stage1_file(raw_dir: str, dataset: str, model: str, total_docs: int, position, seed: int = DEFAULT_SEED) -> str:
     """Stage 1's answers; ``position="*"`` gives the pattern stage 2 looks for."""
-    return os.path.join(raw_dir, dataset, f"{model}_{total_docs}docs_{position}.jsonl.gz")
+    return os.path.join(raw_dir, dataset, f"{model}_{total_docs}docs_{position}{seed_suffix(seed)}.jsonl.gz")
 
 
 def stage1_summary(path: str) -> str:
@@ -74,10 +81,11 @@ def stage1_summary(path: str) -> str:
     return stem + ".summary.json"
 
 
-def dataset_name(model: str, total_docs: int, k: int, strengthen: int, n: int, filtered: bool = True) -> str:
+def dataset_name(model: str, total_docs: int, k: int, strengthen: int, n: int, filtered: bool = True,
+                 seed: int = DEFAULT_SEED) -> str:
     """Stage 2's dataset folder ("nofilter" when examples were not selected for correct answers)."""
     kind = "filter" if filtered else "nofilter"
-    return f"{model}_{total_docs}total_docs_{kind}_{k}random_{strengthen}strengthen_{n}"
+    return f"{model}_{total_docs}total_docs_{kind}_{k}random_{strengthen}strengthen_{n}{seed_suffix(seed)}"
 
 
 def parse_kd_coef(text: str) -> tuple:
@@ -96,11 +104,11 @@ def parse_kd_coef(text: str) -> tuple:
     return values
 
 
-def checkpoint_name(dataset: str, kd_coef: tuple, perserve: float) -> str:
+def checkpoint_name(dataset: str, kd_coef: tuple, perserve: float, seed: int = DEFAULT_SEED) -> str:
     """Stage 3's saved folder, from the stage-2 dataset (name or path) and the loss mix."""
     basename = os.path.basename(os.path.normpath(dataset))
     mix = "_".join(f"{name}{float(value)}" for name, value in zip(LOSS_FLAGS, kd_coef))
-    return f"{basename}_{mix}_{float(perserve)}"
+    return f"{basename}_{mix}_{float(perserve)}{seed_suffix(seed)}"
 
 
 def eval_dir(output: str, dataset: str, label: str) -> str:
@@ -135,10 +143,12 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--strengthen", type=int, required=True, help="anchor copies per example")
     data.add_argument("--example_num", type=int, required=True, help="examples kept")
     data.add_argument("--no_filter", action="store_true", help="the unfiltered control (default: filtered)")
+    data.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"stage 2's --seed (default {DEFAULT_SEED})")
     ckpt = names.add_parser("checkpoint", help="stage 3's checkpoint folder name")
     ckpt.add_argument("--dataset", required=True, help="stage-2 dataset name or folder")
     ckpt.add_argument("--kd_coef", required=True, help="a,b,c,d as given to kd/train_kd.py")
     ckpt.add_argument("--perserve", type=float, default=1.0, help="anchor weight (default 1.0)")
+    ckpt.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"stage 3's --seed (default {DEFAULT_SEED})")
     check = names.add_parser("check", help="exit 2 with an error unless VALUE is a plain name")
     check.add_argument("--flag", required=True, help="the flag or variable named in the error")
     check.add_argument("value", help="the name to check")
@@ -152,9 +162,9 @@ def main(argv=None) -> int:
     elif args.name == "dataset":
         check_name(args.model_name, "--model_name")
         print(dataset_name(args.model_name, args.total_doc, args.position_sample_num, args.strengthen,
-                           args.example_num, filtered=not args.no_filter))
+                           args.example_num, filtered=not args.no_filter, seed=args.seed))
     elif args.name == "checkpoint":
-        print(checkpoint_name(args.dataset, parse_kd_coef(args.kd_coef), args.perserve))
+        print(checkpoint_name(args.dataset, parse_kd_coef(args.kd_coef), args.perserve, args.seed))
     else:
         check_name(args.value, args.flag)
     return 0

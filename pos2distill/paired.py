@@ -3,7 +3,8 @@
 Two evaluations of the same prompts (base vs trained, or a run vs its repeat) are compared
 per (example, position) pair, which is far more sensitive than comparing two accuracies:
 - per position: the accuracy change, a 95% interval for the paired difference of proportions
-  (Wald, from the discordant counts) and McNemar's exact two-sided p-value;
+  (Wald, from the discordant counts) and McNemar's exact two-sided p-value (one-sided, and
+  Holm's correction over several tests, for stage 1's choice of position: pos2distill/advantageous.py);
 - the average over positions: each example's mean correctness over the positions is a paired
   sample; the change of the average gets a 95% t-style interval from those per-example changes.
 """
@@ -16,14 +17,43 @@ from .errors import UserError
 Z95 = 1.96
 
 
+def _upper_tail(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2)."""
+    return sum(math.comb(n, i) for i in range(max(k, 0), n + 1)) / 2.0**n
+
+
 def mcnemar_exact_p(only_a: int, only_b: int) -> float:
     """Two-sided exact McNemar p-value: a binomial test of the discordant pairs against 1/2."""
     n = only_a + only_b
     if n == 0:
         return 1.0
-    k = min(only_a, only_b)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
-    return min(1.0, 2.0 * tail)
+    return min(1.0, 2.0 * _upper_tail(max(only_a, only_b), n))
+
+
+def mcnemar_one_sided_p(only_a: int, only_b: int) -> float:
+    """One-sided exact McNemar p-value for "B is better than A": P(X >= only_b), X ~ Bin(only_a + only_b, 1/2)."""
+    n = only_a + only_b
+    return 1.0 if n == 0 else _upper_tail(only_b, n)
+
+
+def holm_adjusted(p_values: dict) -> dict:
+    """Holm's step-down adjusted p-values ({key: p} -> {key: p_adj}); reject where p_adj <= alpha.
+
+    Controls the family-wise error rate at alpha over all the tests given, with no assumption
+    about their dependence (the candidate positions share questions, so they are dependent).
+    """
+    order = sorted(p_values, key=lambda key: p_values[key])
+    m, running, adjusted = len(order), 0.0, {}
+    for rank, key in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[key]))
+        adjusted[key] = running
+    return adjusted
+
+
+def discordant(a: dict, b: dict, keys) -> tuple[int, int]:
+    """(right only in A, right only in B) over ``keys`` of two {key: correct} maps."""
+    keys = list(keys)
+    return sum(1 for k in keys if a[k] and not b[k]), sum(1 for k in keys if b[k] and not a[k])
 
 
 def paired_difference_interval(only_a: int, only_b: int, n: int) -> tuple[float, float, float]:
@@ -36,7 +66,7 @@ def paired_difference_interval(only_a: int, only_b: int, n: int) -> tuple[float,
     return (100.0 * diff, 100.0 * (diff - half), 100.0 * (diff + half))
 
 
-def _index(records: list[dict], label: str) -> tuple[dict, dict]:
+def index_records(records: list[dict], label: str) -> tuple[dict, dict]:
     """``{(example_id, gold_idx): correct}`` and ``{example_id: question}``, field types checked."""
     out, questions = {}, {}
     for number, record in enumerate(records, 1):
@@ -69,7 +99,7 @@ def _check_same_questions(questions_a: dict, questions_b: dict, label_a: str, la
 
 def compare_runs(records_a: list[dict], records_b: list[dict], label_a: str = "A", label_b: str = "B") -> dict:
     """Paired per-position and average comparison of run B against run A (same prompts)."""
-    (a, questions_a), (b, questions_b) = _index(records_a, label_a), _index(records_b, label_b)
+    (a, questions_a), (b, questions_b) = index_records(records_a, label_a), index_records(records_b, label_b)
     _check_same_questions(questions_a, questions_b, label_a, label_b)
     if set(a) != set(b):
         missing = len(set(a) ^ set(b))
@@ -81,8 +111,7 @@ def compare_runs(records_a: list[dict], records_b: list[dict], label_a: str = "A
     positions = {}
     for position in sorted(by_position):
         keys = by_position[position]
-        only_a = sum(1 for k in keys if a[k] and not b[k])
-        only_b = sum(1 for k in keys if b[k] and not a[k])
+        only_a, only_b = discordant(a, b, keys)
         diff, low, high = paired_difference_interval(only_a, only_b, len(keys))
         positions[position] = {
             "n": len(keys),

@@ -188,6 +188,14 @@ def test_bench_eval_positions_per_call(tmp_path, tiny_model):
     assert ours["row_steps"] == 6 * ours["decode_steps"]
 
 
+def test_bench_probe(tmp_path, tiny_model):
+    data = _nq_file(tmp_path / "nq-4.jsonl.gz")
+    stdout = _run("bench_probe.py", "--data", data, "--model", tiny_model, "--total_doc", TOTAL, "--probe_num", 3,
+                  "--eval_holdout", 2, "--max-new-tokens", 4, "--batch_size", 4, "--repeats", 1)
+    assert f"3 questions x {TOTAL} positions, batch 4:" in stdout and "same answers: True" in stdout
+    assert "positions per call  1:" in stdout and f"positions per call  {TOTAL}:" in stdout
+
+
 def test_profile_generate(tmp_path, tiny_model):
     data = _nq_file(tmp_path / "nq-4.jsonl.gz")
     out = tmp_path / "profile.json"

@@ -145,3 +145,36 @@ def test_create_datasets_cli_error_is_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == "error: only 2 of 3 examples pass the filter (correct oracle answer); lower --example_num (asked for 5)"
     assert not os.path.exists(tmp_path / "out" / dataset_name("m", TOTAL, 4, 1, 5))
+
+
+def test_table3_datasets_without_anchors_and_seeds_get_their_own_names(tmp_path):
+    # "KL without anchors" and "+align" train on --strengthen 0; another --seed must not overwrite seed 42's
+    raw = tmp_path / "raw_data" / "nq"
+    write_jsonl(str(raw / f"m_{TOTAL}docs_0.jsonl.gz"), [r for _, r in records(6)])
+    from datasets import load_from_disk
+
+    base = [sys.executable, os.path.join(ROOT, "create_datasets.py"), "--model_name", "m", "--total_doc", str(TOTAL),
+            "--raw_data_dir", str(tmp_path / "raw_data"), "--output_dir", str(tmp_path / "out"),
+            "--position_sample_num", "2", "--example_num", "5", "--strengthen", "0"]
+    positions = {}
+    for seed in ("42", "7"):
+        done = subprocess.run(base + ["--seed", seed], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        name = dataset_name("m", TOTAL, 2, 0, 5, seed=int(seed))
+        assert name.endswith("" if seed == "42" else "_seed7")
+        dataset = load_from_disk(str(tmp_path / "out" / name))
+        assert len(dataset) == 10 and not any(dataset["is_anchor"])
+        positions[seed] = dataset["gold_idx"]
+    assert positions["42"] != positions["7"]  # the seed samples other trivial positions
+
+
+def test_training_and_stage1_names_carry_a_non_default_seed():
+    from gen_advantageous_pos_for_R1 import output_file, parse_args as stage1_args
+    from kd.train_kd import parse_args
+
+    flags = ["--dataset", "data/d", "--pretrain", "m", "--kd_coef", "1,0,0,0"]
+    assert parse_args(flags).run_name == "d_kd1.0_lm0.0_rank0.0_adaptive0.0_1.0"
+    assert parse_args(flags + ["--seed", "3"]).run_name == "d_kd1.0_lm0.0_rank0.0_adaptive0.0_1.0_seed3"
+    args = stage1_args(["--input-path", "x.jsonl", "--seed", "3"])
+    assert output_file(args, "nq", "m", 0) == os.path.join("raw_data", "nq", "m_20docs_0_seed3.jsonl.gz")
+    assert output_file(stage1_args(["--input-path", "x.jsonl"]), "nq", "m", 0).endswith("m_20docs_0.jsonl.gz")

@@ -43,6 +43,11 @@ def test_stages_1_2_4(tmp_path, tiny_model):
     records = read_jsonl(str(tmp_path / "raw_data" / "nq" / stage1[0]))
     assert len(records) == 10
     position = records[0]["gold_idx"]
+    # the probe's curve, tests and choice are kept beside the answers
+    with open(tmp_path / "raw_data" / "nq" / stage1[0].replace(".jsonl.gz", ".summary.json")) as fh:
+        choice = json.load(fh)["probe"]["choice"]
+    assert choice["chosen"] == position and [r["position"] for r in choice["rows"]] == list(range(TOTAL))
+    assert all(r["n"] == 4 for r in choice["rows"]) and choice["reason"] in out
     for r in records:
         assert r["documents"][r["gold_idx"]] == r["gold_document"]
         assert len(r["documents"]) == TOTAL and r["oracle_prompt"].startswith("<|im_start|>")

@@ -405,8 +405,8 @@ def nan_worker(_, port, argv, poison_micro_steps, out_file):
     original = trainer.Pos2DistillTrainer.compute_losses
     calls = []
 
-    def poisoned(self, batch):
-        losses = original(self, batch)
+    def poisoned(self, batch, weights=None):
+        losses = original(self, batch, weights)
         calls.append(1)
         if poison_micro_steps is None or len(calls) in poison_micro_steps:
             losses["total"] = losses["total"] * float("nan")
