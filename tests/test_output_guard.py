@@ -18,7 +18,7 @@ import eval_data
 import gen_advantageous_pos_for_R1 as stage1
 import plot_positions
 import prepare_data
-from hostile import TOTAL, assert_error, cli, jsonl, listing, litm, stage2_args, stage2_input  # noqa: F401
+from hostile import TOTAL, assert_error, cli, jsonl, listing, litm, stage1_record, stage2_args, stage2_input  # noqa: F401
 from kd import train_kd
 from pos2distill.errors import UserError
 from pos2distill.jsonl import AtomicJsonlWriter
@@ -153,20 +153,23 @@ def test_training_into_its_own_model_folder_is_refused(tmp_path, capsys):
 # ---- class 4: silent replacement ----------------------------------------------------------------
 
 def test_stage2_refuses_to_replace_a_dataset_built_from_other_rows(tmp_path, stage2_input, capsys):
+    # another seed has its own name now (_seed7); other rows under the same name come from another stage-1 file
     out = tmp_path / "data"
     folder = out / "m_4total_docs_filter_2random_1strengthen_2"
+    other = jsonl(tmp_path / "other" / "m_4docs_0.jsonl.gz", [stage1_record(i) for i in (2, 1, 0)])
     assert cli(create_datasets.main, stage2_args(stage2_input, out), capsys)[0] == 0
     assert cli(create_datasets.main, stage2_args(stage2_input, out), capsys)[0] == 0  # same rows: a rerun
+    assert cli(create_datasets.main, stage2_args(stage2_input, out, "--seed", 7), capsys)[0] == 0
+    assert (out / "m_4total_docs_filter_2random_1strengthen_2_seed7").is_dir()  # its own folder
     first = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
-    line = assert_error(cli(create_datasets.main, stage2_args(stage2_input, out, "--seed", 7), capsys),
-                        "was made with other arguments")
-    assert "seed 42 -> 7" in line and "--overwrite" in line
+    line = assert_error(cli(create_datasets.main, stage2_args(other, out), capsys), "was made with other arguments")
+    assert "--overwrite" in line
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == first
     (folder / "my_notes.txt").write_text("mine")
-    line = assert_error(cli(create_datasets.main, stage2_args(stage2_input, out, "--seed", 7, "--overwrite"), capsys),
+    line = assert_error(cli(create_datasets.main, stage2_args(other, out, "--overwrite"), capsys),
                         "holds files this project did not write (my_notes.txt)")
     (folder / "my_notes.txt").unlink()
-    assert cli(create_datasets.main, stage2_args(stage2_input, out, "--seed", 7, "--overwrite"), capsys)[0] == 0
+    assert cli(create_datasets.main, stage2_args(other, out, "--overwrite"), capsys)[0] == 0
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} != first
 
 
