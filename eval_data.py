@@ -10,14 +10,12 @@ overlays all models given.
 
 import sys
 
-from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_name_from_path, precision_config,
-                                  require_at_least, software_config)
+from pos2distill.cli_args import add_model_flags, check_model_flags, dataset_name_from_path, require_at_least
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.flag_types import harden_numbers
 from pos2distill.formats import load_examples
-from pos2distill.generation import data_parallel_config
-from pos2distill.pine import inference_config, open_backend, resolve_inference
+from pos2distill.pine import open_backend, resolve_inference
 from pos2distill.models import resolve_model
 from pos2distill.names import (check_name, check_names, eval_dir, model_name, overlay_prefix, predictions_file,
                                summary_prefix)
@@ -66,29 +64,24 @@ def warn_training_overlap(train_dataset: str, examples) -> None:
         print(f"no overlap between the evaluated questions and {train_dataset}")
 
 
-def evaluate_model(args, model_path, label, examples, example_ids, positions, dataset, backend_name, instruction):
+def evaluate_model(args, model_path, label, examples, example_ids, positions, dataset, generation, instruction):
     out_dir = eval_dir(args.output_path, dataset, label)
     predictions_path = predictions_file(out_dir, args.total_doc)
-    compact = args.compact_finished and backend_name == "hf" and args.inference == "plain"  # vLLM, PINE: not used
+    compact = args.compact_finished and generation.backend == "hf" and generation.inference == "plain"  # vLLM, PINE: not used
     # Everything that changes the predictions; any change starts the chunks (one per position) over.
     config = {
         "stage": "eval", "model": model_path, "input": file_identity(args.input_path), "total_doc": args.total_doc,
         "sample_num": args.sample_num, "positions": positions, "seed": args.seed, "instruction": instruction,
         "max_new_tokens": args.max_new_tokens, "stop_at_newline": not args.no_stop_at_newline,
-        "backend": backend_name, "batch_size": args.batch_size,
-        "positions_per_call": args.positions_per_call, "compact_finished": compact,
-        **data_parallel_config(backend_name, args.num_gpus), **precision_config(args), **inference_config(args),
-        **software_config(backend_name),
+        "positions_per_call": args.positions_per_call, "compact_finished": compact, **generation.record(),
     }
     output = ChunkedOutput(predictions_path, config)
     stats = {"generated": 0, "seconds": 0.0}
     if output.complete:
         print(f"== {label}: {predictions_path} is already complete with these arguments; reusing it")
     else:
-        with open_backend(args.inference, args.backend, model_path, num_gpus=args.num_gpus,
-                          tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size,
-                          max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed,
-                          need_chat_template=True, dtype=args.dtype, tf32=args.tf32, compact_finished=compact) as backend:
+        with open_backend(generation, model_path, max_model_len=args.max_prompt_length + args.max_new_tokens,
+                          seed=args.seed, need_chat_template=True, compact_finished=compact) as backend:
             print(f"== {label}: {len(examples)} examples x {len(positions)} positions, backend {backend.name}")
             _, stats = evaluate_positions(
                 backend, examples, example_ids, positions, seed=args.seed, max_new_tokens=args.max_new_tokens,
@@ -99,7 +92,7 @@ def evaluate_model(args, model_path, label, examples, example_ids, positions, da
     records = output.finalize(len(positions))
     summary = summarize(records, label, args.total_doc)
     rate = stats["generated"] / stats["seconds"] if stats["generated"] else None
-    summary.update({"model": model_path, "backend": backend_name, **software_config(backend_name),
+    summary.update({"model": model_path, "backend": generation.backend, **generation.software(),
                     "generated_prompts": stats["generated"],
                     "generation_seconds": round(stats["seconds"], 1), "prompts_per_s": round(rate, 2) if rate else None})
     write_summaries([summary], summary_prefix(out_dir, args.total_doc))
@@ -114,7 +107,7 @@ def main(argv):
     check_names(args, "--dataset_name", "--label")
     # Flags first: a typo must not surface after the first model's evaluation.
     resolve_inference(args)
-    backend_name, instruction = check_model_flags(args)
+    generation, instruction = check_model_flags(args)
     require_at_least(args, {"--total_doc": 1, "--positions_per_call": 1})
     if args.sample_num == 0 or args.sample_num < -1:
         raise UserError(f"--sample_num must be -1 (all) or at least 1, got {args.sample_num}")
@@ -141,7 +134,7 @@ def main(argv):
     if args.train_dataset:
         warn_training_overlap(args.train_dataset, examples)
     summaries = [
-        evaluate_model(args, path, label, examples, example_ids, positions, dataset, backend_name, instruction)
+        evaluate_model(args, path, label, examples, example_ids, positions, dataset, generation, instruction)
         for path, label in zip(model_paths, labels)
     ]
     prefix = overlay_prefix(args.output_path, dataset, args.total_doc, labels)

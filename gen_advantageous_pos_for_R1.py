@@ -18,14 +18,12 @@ import sys
 import time
 
 from pos2distill.advantageous import choice_table, choose_position
-from pos2distill.cli_args import (add_model_flags, check_model_flags, dataset_name_from_path, precision_config,
-                                  require_at_least, software_config)
+from pos2distill.cli_args import add_model_flags, check_model_flags, dataset_name_from_path, require_at_least
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.flag_types import harden_numbers
 from pos2distill.formats import example_to_raw, load_examples
-from pos2distill.generation import data_parallel_config
-from pos2distill.pine import inference_config, open_backend, resolve_inference
+from pos2distill.pine import open_backend, resolve_inference
 from pos2distill.jsonl import write_text_atomic
 from pos2distill.metrics import score_prediction
 from pos2distill.models import resolve_model
@@ -127,7 +125,7 @@ def main(argv):
     check_names(args, "--dataset_name")
     # Flags first: a typo must not cost a model load or a long probe.
     resolve_inference(args)
-    backend_name, instruction = check_model_flags(args)
+    generation, instruction = check_model_flags(args)
     require_at_least(args, {"--total_doc": 1, "--limit": 1, "--chunk_size": 1, "--probe_num": 1, "--eval_holdout": 0,
                             "--temperature": 0})
     if not 0 < args.top_p <= 1:
@@ -157,10 +155,8 @@ def main(argv):
     def get_backend():
         nonlocal backend
         if backend is None:
-            backend = open_backend(args.inference, args.backend, model_path, num_gpus=args.num_gpus,
-                                   tensor_parallel_size=args.tensor_parallel_size, batch_size=args.batch_size,
-                                   max_model_len=args.max_prompt_length + args.max_new_tokens, seed=args.seed,
-                                   need_chat_template=True, dtype=args.dtype, tf32=args.tf32)
+            backend = open_backend(generation, model_path, max_model_len=args.max_prompt_length + args.max_new_tokens,
+                                   seed=args.seed, need_chat_template=True)
         return backend
 
     try:
@@ -176,9 +172,7 @@ def main(argv):
             "stage": 1, "input": file_identity(args.input_path), "model": model_path, "total_doc": args.total_doc,
             "gold_doc": position, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
             "max_new_tokens": args.max_new_tokens, "instruction": instruction, "limit": args.limit,
-            "chunk_size": args.chunk_size, "full_answers": args.full_answers, "backend": backend_name,
-            "batch_size": args.batch_size, **data_parallel_config(backend_name, args.num_gpus), **precision_config(args),
-            **inference_config(args), **software_config(backend_name),
+            "chunk_size": args.chunk_size, "full_answers": args.full_answers, **generation.record(),
         }
         output = ChunkedOutput(path, config)
         reused = output.complete

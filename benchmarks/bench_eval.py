@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.generate_counts import GenerateCounter  # noqa: E402
 from benchmarks.profiling import sync  # noqa: E402
 from benchmarks.reports import write_report  # noqa: E402
 from pos2distill.cli_args import require_at_least  # noqa: E402
@@ -138,7 +139,7 @@ def main(argv):
     import torch
 
     from pos2distill.formats import load_examples
-    from pos2distill.generation import make_backend
+    from pos2distill.generation.factory import make_backend
     from pos2distill.position_eval import check_prompt_lengths, prompt_examples
     from pos2distill.positions import parse_positions
     from pos2distill.prompting import resolve_instruction
@@ -205,11 +206,13 @@ def main(argv):
                     for items in calls:  # as stage 4 makes them
                         sync(device)
                         began = time.perf_counter()
-                        predictions.extend(run_ours(items))
+                        with GenerateCounter(backend.model) as counter:  # the baseline counts its own
+                            predictions.extend(run_ours(items))
                         sync(device)
                         seconds += time.perf_counter() - began
+                        counts = dict(counter.totals, new_tokens=backend.last_stats["new_tokens"])
                         for key in ("new_tokens", "decode_steps", "row_steps", "padded_prompt_tokens"):
-                            totals[key] = totals.get(key, 0) + backend.last_stats[key]
+                            totals[key] = totals.get(key, 0) + counts[key]
                 except (torch.cuda.OutOfMemoryError, UserError) as err:
                     # A batch size too large for the GPU is a result too (the backend re-raises it
                     # as a UserError from the OutOfMemoryError); the other settings are still measured.

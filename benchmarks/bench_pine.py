@@ -80,7 +80,7 @@ def main(argv):
     import torch
 
     from pos2distill.formats import load_examples
-    from pos2distill.generation import check_precision
+    from pos2distill.generation.backend_config import check_precision
     from pos2distill.metrics import score_prediction
     from pos2distill.models import resolve_model
     from pos2distill.pine import PineBackend

@@ -20,7 +20,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from pos2distill.formats import load_examples  # noqa: E402
-from pos2distill.generation import make_backend  # noqa: E402
+from pos2distill.generation.factory import make_backend  # noqa: E402
 from pos2distill.models import resolve_model  # noqa: E402
 from pos2distill.position_eval import evaluate_positions, prompt_examples  # noqa: E402
 from pos2distill.positions import parse_positions  # noqa: E402

@@ -59,7 +59,8 @@ def main(argv):
     from transformers import GenerationConfig
 
     from pos2distill.formats import load_examples
-    from pos2distill.generation import left_padded, make_backend
+    from pos2distill.generation.factory import make_backend
+    from pos2distill.generation.hf import left_padded
     from pos2distill.position_eval import prompt_examples
 
     examples = load_examples(args.data, total_doc=args.total_doc)

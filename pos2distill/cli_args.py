@@ -54,46 +54,15 @@ def require_at_least(args: argparse.Namespace, minimums: dict) -> None:
             raise UserError(f"{flag} must be at least {minimum}, got {value}")
 
 
-def check_model_flags(args: argparse.Namespace) -> tuple[str, str]:
+def check_model_flags(args: argparse.Namespace):
     """Validate the flags of ``add_model_flags`` before any data is read or model loaded.
 
-    Returns the backend that will run (``auto`` resolved) and the instruction text; sets
-    ``args.dtype`` to its normalised name.
+    Returns the ``generation.backend_config.BackendConfig`` they resolve to (``auto`` resolved, the
+    dtype normalised; it builds the backend and feeds the output's config) and the instruction text.
     """
-    from .generation import check_precision, resolve_backend_name
+    from .generation.backend_config import BackendConfig
     from .prompting import resolve_instruction
 
     require_at_least(args, {"--max-new-tokens": 1, "--max-prompt-length": 1, "--batch_size": 1, "--num_gpus": 0,
                             "--tensor_parallel_size": 1})
-    backend = resolve_backend_name(args.backend)
-    args.dtype = check_precision(backend, args.dtype, args.tf32)  # normalised: bf16 and bfloat16 are one config
-    return backend, resolve_instruction(args.instruction)
-
-
-def precision_config(args: argparse.Namespace) -> dict:
-    """The precision flags for a stage's output config: only those away from their defaults, so
-    outputs written before the flags existed still match (and resume)."""
-    config = {}
-    if args.dtype != "auto":
-        config["dtype"] = args.dtype
-    if args.tf32:
-        config["tf32"] = True
-    return config
-
-
-def software_config(backend_name: str) -> dict:
-    """What generates an output, for its config: torch and transformers, and vLLM's version with
-    the vllm backend. A resumed run under other versions starts over instead of mixing chunks."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    software = {}
-    for package in ("torch", "transformers"):
-        try:
-            software[package] = version(package)
-        except PackageNotFoundError:
-            software[package] = None
-    if backend_name == "vllm":
-        from .generation import vllm_version
-
-        software["vllm"] = vllm_version()
-    return {"software": software}
+    return BackendConfig.from_args(args), resolve_instruction(args.instruction)

@@ -25,7 +25,9 @@ from __future__ import annotations
 import time
 
 from .errors import UserError
-from .generation import GenerationBackend, HFBackend, make_backend, newline_token_table
+from .generation.base import GenerationBackend, newline_token_table
+from .generation.factory import build_backend
+from .generation.hf import HFBackend
 
 INFERENCE = ("plain", "pine")
 ARCHITECTURES = ("llama", "qwen2")
@@ -47,19 +49,16 @@ def resolve_inference(args) -> None:
         args.backend = "hf"
 
 
-def inference_config(args) -> dict:
-    """For a resumable output's configuration: empty for plain inference (older outputs still match)."""
-    return {} if args.inference == "plain" else {"inference": args.inference}
-
-
-def open_backend(inference: str, name: str, model: str, **kwargs):
-    """``make_backend`` for ``plain``; a ``PineBackend`` (hf, one device) for ``pine``."""
-    if inference == "plain":
-        return make_backend(name, model, **kwargs)
-    check_inference(inference, name, kwargs.get("num_gpus"), kwargs.get("tensor_parallel_size"))
-    return PineBackend(model, batch_size=kwargs.get("batch_size", 16), max_model_len=kwargs.get("max_model_len"),
-                       dtype=kwargs.get("dtype", "auto"), device="cpu" if kwargs.get("num_gpus") == 0 else None,
-                       need_chat_template=kwargs.get("need_chat_template", False), tf32=kwargs.get("tf32", False))
+def open_backend(config, model: str, *, max_model_len=None, seed: int = 0, need_chat_template: bool = False,
+                 compact_finished: bool = False):
+    """``build_backend`` of a ``BackendConfig`` for ``plain``; a ``PineBackend`` (hf, one device) for ``pine``."""
+    if config.inference == "plain":
+        return build_backend(config, model, max_model_len=max_model_len, seed=seed,
+                             need_chat_template=need_chat_template, compact_finished=compact_finished)
+    check_inference(config.inference, config.backend, config.num_gpus, config.tensor_parallel_size)
+    return PineBackend(model, batch_size=config.batch_size, max_model_len=max_model_len, dtype=config.dtype,
+                       device="cpu" if config.num_gpus == 0 else None, need_chat_template=need_chat_template,
+                       tf32=config.tf32)
 
 
 def check_architecture(model) -> None:
@@ -209,7 +208,7 @@ def pine_generate(model, rows, *, max_new_tokens: int, eos_ids, pad_id: int, tem
                   top_p: float = 1.0, generator=None, newline_table=None) -> tuple[list[list[int]], int]:
     """Generated ids per row (up to and including its EOS or newline stop) and decode steps run.
 
-    ``newline_table``: ``generation.newline_token_table`` on the device, for the newline stop
+    ``newline_table``: ``generation.base.newline_token_table`` on the device, for the newline stop
     (a newline after some non-whitespace text ends a row, as in ``HFBackend``).
     """
     import torch
@@ -281,14 +280,14 @@ class PineBackend(GenerationBackend):
             vocab = hf.model.get_output_embeddings().weight.shape[0]
             self._table = tuple(t.to(hf.device) for t in newline_token_table(self.tokenizer, vocab))
         order = sorted(range(len(rows)), key=lambda i: -lengths[i])
-        answers, new_tokens, steps = [None] * len(rows), 0, 0
+        answers, new_tokens = [None] * len(rows), 0
         generator = torch.Generator(device=hf.device).manual_seed(seed)
         with torch.inference_mode(), tqdm(total=len(rows), desc=desc, unit="prompt", dynamic_ncols=True,
                                           disable=not self.show_progress) as bar:
             for begin in range(0, len(order), self.batch_size):
                 batch = order[begin : begin + self.batch_size]
                 try:
-                    ids, n = pine_generate(hf.model, [rows[i] for i in batch], max_new_tokens=max_new_tokens,
+                    ids, _ = pine_generate(hf.model, [rows[i] for i in batch], max_new_tokens=max_new_tokens,
                                            eos_ids=hf.eos_ids, pad_id=hf.pad_id, temperature=temperature, top_p=top_p,
                                            generator=generator, newline_table=self._table if stop_at_newline else None)
                 except torch.OutOfMemoryError as err:
@@ -297,9 +296,8 @@ class PineBackend(GenerationBackend):
                 for i, text in zip(batch, self.tokenizer.batch_decode(ids, skip_special_tokens=True)):
                     answers[i] = text
                 new_tokens += sum(map(len, ids))
-                steps += n
                 bar.update(len(batch))
-        self._record(len(rows), time.perf_counter() - start, new_tokens, decode_steps=steps)
+        self._record(len(rows), time.perf_counter() - start, new_tokens)
         return answers
 
     def close(self) -> None:

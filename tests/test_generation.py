@@ -22,17 +22,14 @@ import sys
 import pytest
 import torch
 
-from pos2distill import generation
+from benchmarks.generate_counts import GenerateCounter
 from pos2distill.errors import UserError
-from pos2distill.generation import (
-    HFDataParallelBackend,
-    GenerationBackend,
-    make_backend,
-    newline_stopper,
-    newline_token_table,
-    resolve_backend_name,
-    vllm_available,
-)
+from pos2distill.generation import backend_config
+from pos2distill.generation.backend_config import BackendConfig, check_precision, resolve_backend_name, vllm_available
+from pos2distill.generation.base import GenerationBackend, newline_stopper, newline_token_table
+from pos2distill.generation.factory import make_backend
+from pos2distill.generation.parallel import HFDataParallelBackend
+from pos2distill.generation.vllm_backend import request_seed
 from pos2distill.metrics import first_line
 from pos2distill.prompting import chat_prompt
 
@@ -134,20 +131,20 @@ def test_resolve_backend_name(monkeypatch):
         resolve_backend_name("tensorrt")
     assert resolve_backend_name("hf") == "hf"
 
-    monkeypatch.setattr(generation, "vllm_available", lambda: False)
+    monkeypatch.setattr(backend_config, "vllm_available", lambda: False)
     with pytest.raises(UserError) as err:
         resolve_backend_name("vllm")
     assert str(err.value) == (
         "vLLM requested (--backend vllm) but not installed; pip install vllm or use --backend hf"
     )
-    monkeypatch.setattr(generation, "_cuda_available", lambda: True)
+    monkeypatch.setattr(backend_config, "_cuda_available", lambda: True)
     assert resolve_backend_name("auto") == "hf"  # no vllm
 
-    monkeypatch.setattr(generation, "vllm_available", lambda: True)
-    monkeypatch.setattr(generation, "vllm_import_error", lambda: None)
+    monkeypatch.setattr(backend_config, "vllm_available", lambda: True)
+    monkeypatch.setattr(backend_config, "vllm_import_error", lambda: None)
     assert resolve_backend_name("auto") == "vllm"
     assert resolve_backend_name("vllm") == "vllm"
-    monkeypatch.setattr(generation, "_cuda_available", lambda: False)
+    monkeypatch.setattr(backend_config, "_cuda_available", lambda: False)
     assert resolve_backend_name("auto") == "hf"  # no GPU
 
 
@@ -175,8 +172,6 @@ def test_make_backend_rejects_bad_options(tiny_model, monkeypatch):
 def test_tf32_turns_on_tensor_cores_for_float32_matmuls(tiny_model):
     import torch
 
-    from pos2distill.generation import check_precision
-
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -191,7 +186,7 @@ def test_tf32_turns_on_tensor_cores_for_float32_matmuls(tiny_model):
 
 
 def test_auto_falls_back_to_hf(tiny_model, monkeypatch):
-    monkeypatch.setattr(generation, "vllm_available", lambda: False)
+    monkeypatch.setattr(backend_config, "vllm_available", lambda: False)
     backend = make_backend("auto", tiny_model, num_gpus=0)
     try:
         assert backend.name == "hf" and backend.device.type == "cpu"
@@ -205,7 +200,7 @@ def test_hf_data_parallel_matches_one_process(tiny_model, monkeypatch):
     single = make_backend("hf", tiny_model, batch_size=3, num_gpus=0, max_model_len=40)
     try:
         expected = single.generate(prompts, max_new_tokens=6)
-        expected_stats = single.last_stats
+        expected_stats = dict(single.last_stats)
     finally:
         single.close()
     assert not torch.cuda.is_available()  # the two "GPUs" below are CPU workers on this machine
@@ -215,10 +210,8 @@ def test_hf_data_parallel_matches_one_process(tiny_model, monkeypatch):
         assert isinstance(backend, HFDataParallelBackend) and backend._pool.devices == ["0", "1"]
         assert backend.generate(prompts, max_new_tokens=6) == expected
         stats = backend.last_stats
-        # shares of 6 and 5 prompts, batches of 3: 2 + 2 batches, every row counted once
-        assert stats["prompts"] == 11 and stats["batches"] == 4
-        assert stats["prompt_tokens"] == expected_stats["prompt_tokens"]
-        assert stats["new_tokens"] == expected_stats["new_tokens"]
+        # shares of 6 and 5 prompts, every row counted once
+        assert stats["prompts"] == 11 and stats["new_tokens"] == expected_stats["new_tokens"]
         assert backend.generate(prompts[:1], max_new_tokens=6) == expected[:1]  # one worker sits it out
         # too long a prompt: a one-line error before any worker is asked, numbered as given
         with pytest.raises(UserError, match="prompt 1 has .* tokens, more than --max_model_len 40"):
@@ -329,14 +322,16 @@ def test_hf_compact_finished_gives_the_same_answers(sharp):
     try:
         for size in (6, 4):
             sharp.batch_size = size
-            plain = sharp.generate(prompts, max_new_tokens=12)
-            plain_stats = dict(sharp.last_stats)
+            with GenerateCounter(sharp.model) as counter:  # what generate computes
+                plain = sharp.generate(prompts, max_new_tokens=12)
+            plain_stats = dict(sharp.last_stats, **counter.totals)
             sharp.compact_finished = True
             try:
-                compact = sharp.generate(prompts, max_new_tokens=12)
+                with GenerateCounter(sharp.model) as counter:
+                    compact = sharp.generate(prompts, max_new_tokens=12)
             finally:
                 sharp.compact_finished = False
-            stats = sharp.last_stats
+            stats = dict(sharp.last_stats, **counter.totals)
             assert compact == plain
             assert len({len(t) for t in plain}) > 2  # rows really ended at different steps
             assert stats["new_tokens"] == plain_stats["new_tokens"]
@@ -544,7 +539,7 @@ def test_vllm_data_parallel_keeps_order(fake_vllm, tiny_model, monkeypatch):
         assert shards == [ids[:6], ids[6:]]  # contiguous shards, in order
         assert [call["use_tqdm"] for call in calls] == [True, False]
         seeds = [p["seed"] for call in calls for p in call["params"]]
-        assert seeds == [generation._request_seed(9, i) for i in range(len(prompts))]
+        assert seeds == [request_seed(9, i) for i in range(len(prompts))]
         assert backend.last_stats["prompts"] == len(prompts)
     finally:
         backend.close()
@@ -603,17 +598,20 @@ def test_generate_rejects_a_backend_that_drops_answers():
             self.tokenizer = lambda prompts, add_special_tokens=False: {"input_ids": [[1] for _ in prompts]}
 
         def _generate_ids(self, token_ids, **kwargs):
-            return ["only one"], 1, {}
+            return ["only one"], 1
 
     with pytest.raises(RuntimeError, match="answered 1 of 2 prompts"):
         Dropping().generate(["a", "b"], max_new_tokens=4)
 
 
 def test_precision_flags_enter_the_output_config_only_when_set():
-    from argparse import Namespace
-
-    from pos2distill.cli_args import precision_config
-
+    software = BackendConfig.resolve("hf").software()
+    assert set(software["software"]) == {"torch", "transformers"}
     # defaults add nothing, so outputs written before the flags existed still resume
-    assert precision_config(Namespace(dtype="auto", tf32=False)) == {}
-    assert precision_config(Namespace(dtype="float32", tf32=True)) == {"dtype": "float32", "tf32": True}
+    assert BackendConfig.resolve("hf").record() == {"backend": "hf", "batch_size": 16, **software}
+    config = BackendConfig.resolve("hf", dtype="fp32", tf32=True, num_gpus=2, batch_size=4, inference="pine")
+    assert config.dtype == "float32"  # normalised once: fp32 and float32 are one config
+    assert config.record() == {"backend": "hf", "batch_size": 4, "hf_workers": 2, "dtype": "float32", "tf32": True,
+                               "inference": "pine", **software}
+    assert "hf_workers" not in BackendConfig.resolve("hf", num_gpus=1).record()
+    assert "hf_workers" not in BackendConfig.resolve("hf", num_gpus=0).record()

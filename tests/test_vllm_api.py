@@ -1,7 +1,7 @@
 """vLLM API drift: what the vLLM backend uses, and the stand-in in tests/fake_vllm, against a
 description recorded from the vLLM 0.26.0 wheel itself (scripts/record_vllm_api.py).
 
-The backend's uses are listed once, in ``pos2distill.generation.VLLM_API``; a test here checks
+The backend's uses are listed once, in ``pos2distill.generation.vllm_backend.VLLM_API``; a test here checks
 that the backend passes and reads nothing else (through the stand-in, which logs every call).
 """
 
@@ -13,8 +13,9 @@ import os
 
 import pytest
 
-from pos2distill import generation
-from pos2distill.generation import VLLM_API, make_backend
+from pos2distill.generation.backend_config import vllm_version
+from pos2distill.generation.factory import make_backend
+from pos2distill.generation.vllm_backend import VLLM_API
 
 RECORDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "vllm_api_0.26.0.json")
 
@@ -187,4 +188,4 @@ def test_the_stand_in_follows_the_description(api, fake_vllm):
             problems.append(f"SamplingParams.{name} defaults to {default!r} in the fake, "
                             f"{recorded[name]['default']} in vLLM")
     assert problems == []
-    assert generation.vllm_version() == vllm.__version__ == "0.26.0+fake"
+    assert vllm_version() == vllm.__version__ == "0.26.0+fake"

@@ -9,7 +9,7 @@ import pytest
 
 import eval_data
 import gen_advantageous_pos_for_R1 as stage1
-from pos2distill import generation
+from pos2distill.generation import backend_config, vllm_backend
 from pos2distill.errors import UserError
 from pos2distill.jsonl import read_jsonl, write_jsonl
 
@@ -76,7 +76,7 @@ def test_a_resume_with_another_backend_or_vllm_starts_over(fake_vllm, tiny_model
 
     out = tmp_path / "s1.jsonl.gz"
     args = stage1_args(data, out, "--model", tiny_model, "--gold_doc", 0, "--temperature", 0)
-    real_generate, calls = generation.VLLMBackend.generate, []
+    real_generate, calls = vllm_backend.VLLMBackend.generate, []
 
     def dies_in_chunk_2(self, *a, **k):
         calls.append(1)
@@ -84,10 +84,10 @@ def test_a_resume_with_another_backend_or_vllm_starts_over(fake_vllm, tiny_model
             raise KeyboardInterrupt
         return real_generate(self, *a, **k)
 
-    monkeypatch.setattr(generation.VLLMBackend, "generate", dies_in_chunk_2)
+    monkeypatch.setattr(vllm_backend.VLLMBackend, "generate", dies_in_chunk_2)
     with pytest.raises(KeyboardInterrupt):
         run(stage1, args + ["--backend", "vllm"])
-    monkeypatch.setattr(generation.VLLMBackend, "generate", real_generate)
+    monkeypatch.setattr(vllm_backend.VLLMBackend, "generate", real_generate)
     assert os.listdir(str(out) + ".partial")  # chunk 0 made by vLLM
 
     monkeypatch.setattr(vllm, "__version__", "0.27.0")  # another vLLM: its chunks are not vLLM 0.26.0's
@@ -106,7 +106,7 @@ def test_a_resume_with_another_backend_or_vllm_starts_over(fake_vllm, tiny_model
 
 
 def test_stage4_one_engine_per_model_and_auto(fake_vllm, tiny_model, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(generation, "_cuda_available", lambda: True)  # --backend auto: a GPU, and vLLM imports
+    monkeypatch.setattr(backend_config, "_cuda_available", lambda: True)  # --backend auto: a GPU, and vLLM imports
     run(eval_data, ["--input-path", data, "--model", tiny_model, tiny_model, "--label", "a", "b",
                     "--output-path", tmp_path, "--dataset_name", "nq", "--total_doc", TOTAL, "--positions", "0,1,3",
                     "--sample_num", 5, "--max-new-tokens", 8, "--num_gpus", 1, "--backend", "auto"])
@@ -128,8 +128,8 @@ def test_auto_takes_hf_when_vllm_does_not_import(tmp_path, monkeypatch, capsys):
     (broken / "__init__.py").write_text("raise ImportError('libtorch_cuda.so: cannot open shared object file')\n")
     monkeypatch.syspath_prepend(str(broken.parent))
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
-    monkeypatch.setattr(generation, "_cuda_available", lambda: True)
-    assert generation.resolve_backend_name("auto") == "hf"
+    monkeypatch.setattr(backend_config, "_cuda_available", lambda: True)
+    assert backend_config.resolve_backend_name("auto") == "hf"
     assert "vLLM is installed but does not import (ImportError: libtorch_cuda.so" in capsys.readouterr().err
     with pytest.raises(UserError, match=r"but it does not import \(ImportError: libtorch_cuda.so"):
-        generation.resolve_backend_name("vllm")
+        backend_config.resolve_backend_name("vllm")

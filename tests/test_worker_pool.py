@@ -1,7 +1,7 @@
 """pos2distill.worker_pool: spawned workers, their errors and their shutdown.
 
 The engine here is a list of token-id rows (``build=list``) and the request a length limit
-(``serve=_check_model_len``): cheap to spawn, and it raises the project's UserError on demand.
+(``serve=check_model_len``): cheap to spawn, and it raises the project's UserError on demand.
 """
 
 import multiprocessing
@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from pos2distill.errors import UserError
-from pos2distill.generation import _check_model_len
+from pos2distill.generation.base import check_model_len
 from pos2distill.worker_pool import WorkerPool
 
 
@@ -22,7 +22,7 @@ def _no_workers_left():
 
 
 def test_user_error_in_a_worker_is_a_user_error_here():
-    pool = WorkerPool(list, _check_model_len, ["", ""], [([[1, 2, 3]],)] * 2, name="test")
+    pool = WorkerPool(list, check_model_len, ["", ""], [([[1, 2, 3]],)] * 2, name="test")
     assert len(pool) == 2 and pool.devices == ["", ""]
     assert pool.run([5, None]) == [None, None]  # a limit above 3 tokens: fine; worker 1 sits out
     with pytest.raises(UserError, match="prompt 0 has 3 tokens, more than --max_model_len 2"):
@@ -34,7 +34,7 @@ def test_user_error_in_a_worker_is_a_user_error_here():
 
 
 def test_a_dead_worker_is_reported_and_the_others_stopped():
-    pool = WorkerPool(list, _check_model_len, ["", ""], [([[1]],)] * 2, name="test")
+    pool = WorkerPool(list, check_model_len, ["", ""], [([[1]],)] * 2, name="test")
     process = pool._workers[1][0]
     os.kill(process.pid, signal.SIGKILL)
     process.join(timeout=30)
@@ -45,16 +45,16 @@ def test_a_dead_worker_is_reported_and_the_others_stopped():
 
 def test_a_failed_start_stops_every_worker():
     with pytest.raises(RuntimeError, match="test worker 1 failed while starting test"):
-        WorkerPool(int, _check_model_len, ["", ""], [("1",), ("not a number",)], name="test")
+        WorkerPool(int, check_model_len, ["", ""], [("1",), ("not a number",)], name="test")
     assert _no_workers_left()
 
 
 EXIT_SCRIPT = """
-from pos2distill.generation import _check_model_len
+from pos2distill.generation.base import check_model_len
 from pos2distill.worker_pool import WorkerPool
 
 if __name__ == "__main__":
-    POOL = WorkerPool(list, _check_model_len, ["", ""], [([[1]],)] * 2, name="test")
+    POOL = WorkerPool(list, check_model_len, ["", ""], [([[1]],)] * 2, name="test")
     print(POOL.run([5, 5]))
 """
 
