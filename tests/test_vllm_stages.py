@@ -51,7 +51,8 @@ def test_stage1_on_vllm_one_engine_seeds_and_newline_stop(fake_vllm, tiny_model,
     calls = fake_vllm.events("generate")
     probe = [c for c in calls if c["params"][0]["temperature"] == 0.0]
     sampled = [c for c in calls if c["params"][0]["temperature"] > 0]
-    assert len(probe) == TOTAL and len(sampled) == EXAMPLES // 4  # one call per probed position, per chunk
+    # the probe puts all its positions into one call (at most 2,048 prompts); sampling one call per chunk
+    assert len(probe) == 1 and len(probe[0]["prompts"]) == TOTAL * 4 and len(sampled) == EXAMPLES // 4
     seeds = [p["seed"] for c in sampled for p in c["params"]]
     assert len(set(seeds)) == EXAMPLES and all(s is not None for s in seeds)  # one seed per prompt
     assert all(p["stop"] == ["\n"] and p["include_stop_str_in_output"] for c in calls for p in c["params"])
