@@ -36,7 +36,7 @@ def paired_difference_interval(only_a: int, only_b: int, n: int) -> tuple[float,
     return (100.0 * diff, 100.0 * (diff - half), 100.0 * (diff + half))
 
 
-def _index(records: list[dict], label: str) -> tuple[dict, dict]:
+def index_records(records: list[dict], label: str) -> tuple[dict, dict]:
     """``{(example_id, gold_idx): correct}`` and ``{example_id: question}``, field types checked."""
     out, questions = {}, {}
     for number, record in enumerate(records, 1):
@@ -69,7 +69,7 @@ def _check_same_questions(questions_a: dict, questions_b: dict, label_a: str, la
 
 def compare_runs(records_a: list[dict], records_b: list[dict], label_a: str = "A", label_b: str = "B") -> dict:
     """Paired per-position and average comparison of run B against run A (same prompts)."""
-    (a, questions_a), (b, questions_b) = _index(records_a, label_a), _index(records_b, label_b)
+    (a, questions_a), (b, questions_b) = index_records(records_a, label_a), index_records(records_b, label_b)
     _check_same_questions(questions_a, questions_b, label_a, label_b)
     if set(a) != set(b):
         missing = len(set(a) ^ set(b))
