@@ -4,6 +4,7 @@ seed, stage 4 of every row, paired comparisons with base, and the table beside t
     python reproduce.py list                       # the experiments and variants
     python reproduce.py table3 --model Qwen/Qwen1.5-7B-Chat \\
         --data qa_data/nq-open-20_total_documents.jsonl.gz [--gpus 0,1,2,3] [--dry_run]
+    python reproduce.py pine --model M --data D [--p2d_checkpoint PATH]   # base, PINE, Pos2Distill, both
 
 Steps are scheduled over the GPUs (--gpus, default CUDA_VISIBLE_DEVICES, else every GPU
 nvidia-smi lists, else the CPU), one step per GPU at a time. Run it again to resume: steps

@@ -4,7 +4,7 @@ PINE's flatness and its cost; and the dry-run plan (sharing with table3, --p2d_c
 
 import json
 
-from test_reproduce_script import TOTAL, free_port, record, reproduce
+from test_reproduce_script import record, reproduce, tiny_run
 
 from pos2distill.jsonl import write_jsonl
 
@@ -15,11 +15,7 @@ def test_pine_experiment_on_cpu(tmp_path, tiny_model):
     data = tmp_path / "nq-open-3_total_documents.jsonl.gz"
     write_jsonl(str(data), [record(i) for i in range(10)])
     out = tmp_path / "out"
-    args = ["pine", "--model", tiny_model, "--data", str(data), "--total_doc", str(TOTAL), "--out", str(out),
-            "--seeds", "1", "--gpus", "cpu,cpu", "--gold_doc", "0", "--limit", "6", "--num", "2", "--k", "2",
-            "--eval_num", "3", "--train_batch", "2", "--max_len", "2048", "--max_new_tokens", "3",
-            "--eval_batch", "8", "--pine_batch", "4", "--lr", "1e-4", "--bench_num", "2", "--bench_batch", "2",
-            "--port", str(free_port())]
+    args = tiny_run("pine", tiny_model, data, out) + ["--pine_batch", "4", "--bench_num", "2", "--bench_batch", "2"]
     proc = reproduce(*args)
     logs = "".join(f"--- {f.name}\n{f.read_text()[-1500:]}" for f in (out / "logs").glob("*.log")) if proc.returncode else ""
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
@@ -34,7 +30,7 @@ def test_pine_experiment_on_cpu(tmp_path, tiny_model):
     [ckpt] = (out / "checkpoints" / "p2d-seed42").glob("*_kd*")
     assert ckpt.name in (out / "steps" / "eval-p2d_pine-seed42-nq3.json").read_text()  # the trained checkpoint
     compared = json.loads((out / "compare" / "nq3-p2d_pine-seed42-vs-p2d-seed42.json").read_text())
-    assert compared["label_a"] == "p2d-seed42" and compared["average"]["examples"] == 3
+    assert compared["label_a"] == "p2d-seed42" and compared["average"]["examples"] == 4
     numbers = json.loads((out / "table.json").read_text())["nq3"]
     assert list(numbers) == ROWS and all(numbers[row]["runs"] == 1 for row in ROWS)
     table = (out / "table.md").read_text()
@@ -43,13 +39,13 @@ def test_pine_experiment_on_cpu(tmp_path, tiny_model):
     # (tests/test_flatness.py checks the flag on biased and flat curves; tests/test_pine.py PINE's invariance)
     for row in ("pine", "p2d_pine"):
         [flat] = numbers[row]["flatness"].values()
-        assert flat["positions"] == [0, 1, 2] and flat["questions"] == 3
+        assert flat["positions"] == [0, 1, 2] and flat["questions"] == 4
         assert flat["q"] == 0.0 and flat["p"] == 1.0 and flat["gap_ci95"] == [0.0, 0.0] and flat["flat"]
         assert len(set(numbers[row]["accuracy"].values())) == 1
         assert next(line for line in table.splitlines() if line.startswith(f"| {row} | 1/1 |")).endswith("| yes |")
     for line in ("- pine: average", "- p2d-seed42: average", "- p2d_pine-seed42: average",
                  "- p2d_pine-seed42: average %+.1f points vs p2d-seed42" % compared["average"]["difference"],
-                 "- pine: Q 0.00 (df 2), p 1: flat; gap 0.0 [0.0, 0.0] points (3 questions)"):
+                 "- pine: Q 0.00 (df 2), p 1: flat; gap 0.0 [0.0, 0.0] points (4 questions)"):
         assert line in table, line
     bench = json.loads((out / "bench_pine.json").read_text())
     assert bench["prompts"] == 4 and [r["batch_size"] for r in bench["runs"]] == [2]
