@@ -4,11 +4,13 @@ seed, stage 4 of every row, paired comparisons with base, and the table beside t
     python reproduce.py list                       # the experiments and variants
     python reproduce.py table3 --model Qwen/Qwen1.5-7B-Chat \\
         --data qa_data/nq-open-20_total_documents.jsonl.gz [--gpus 0,1,2,3] [--dry_run]
+    python reproduce.py pine --model M --data D [--p2d_checkpoint PATH]   # base, PINE, Pos2Distill, both
 
 Steps are scheduled over the GPUs (--gpus, default CUDA_VISIBLE_DEVICES, else every GPU
 nvidia-smi lists, else the CPU), one step per GPU at a time. Run it again to resume: steps
 done with the same config are skipped, a step whose config changed is refused. Everything goes
 under --out: logs/STEP.log, steps/STEP.json (done markers), evaluate/, compare/, table.md.
+Two experiments run with the same --out share their common steps (stage 1, p2d's trainings).
 The experiments are defined in pos2distill/experiments.py.
 """
 
@@ -22,7 +24,7 @@ import sys
 from pos2distill import experiments
 from pos2distill.cli_args import dataset_name_from_path
 from pos2distill.errors import UserError, run_cli
-from pos2distill.experiment_table import write_table
+from pos2distill.experiment_table import BENCH_FILE, comparison_prefix, write_table
 from pos2distill.lanes import Step, finished_steps, process_launcher, run_steps
 from pos2distill.names import (check_name, checkpoint_name, dataset_name, eval_dir, model_name, parse_kd_coef,
                                predictions_file)
@@ -66,15 +68,23 @@ def parse_args(argv):
     s2.add_argument("--perserve", type=float, default=1.0, help="anchor weight of the adaptive loss (default 1.0)")
     s2.add_argument("--train_env", action="append", default=[], metavar="VAR=VALUE",
                     help="more train_nq.sh settings, e.g. GRAD_CKPT=0 or PACKING=0 (repeatable)")
+    s2.add_argument("--p2d_checkpoint", default=None, metavar="PATH",
+                    help="a trained Pos2Distill folder: the p2d rows evaluate it once, no stages 1-3 for them "
+                         "(default: train p2d per seed)")
     s4 = p.add_argument_group("stage 4")
     s4.add_argument("--eval_num", type=int, default=500, help="the last N questions, held out of stage 1 (default 500)")
     s4.add_argument("--eval_batch", type=int, default=256, help="stage 4 batch size (default 256)")
+    s4.add_argument("--pine_batch", type=int, default=16,
+                    help="stage 4 batch size of PINE rows: slower and more memory than plain (default 16)")
     s4.add_argument("--positions_per_call", type=int, default=4, help="positions per generate call (default 4)")
     s4.add_argument("--backend", default="hf", help="stage 1 and 4 backend: hf, vllm or auto (default hf)")
     s4.add_argument("--max_new_tokens", type=int, default=None, help="stage 1 and 4 (default: theirs, 100)")
     s4.add_argument("--kv_data", default=None, help="kv experiment: kv-retrieval-K_keys file (prepare_data.py kv)")
     s4.add_argument("--kv_keys", type=int, default=75, help="keys per --kv_data record (default 75)")
     s4.add_argument("--oracle", default=None, help="docs experiment: nq-open-oracle.jsonl.gz to build NQ-K from")
+    bench = p.add_argument_group("pine experiment: benchmarks/bench_pine.py on --model, the last questions")
+    bench.add_argument("--bench_num", type=int, default=100, help="questions, each at positions 0 and last (default 100)")
+    bench.add_argument("--bench_batch", type=int, nargs="+", default=[8, 32], help="batch sizes measured (default 8 32)")
     p.add_argument("--dry_run", action="store_true", help="print the steps and whether each is done; run nothing")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -86,6 +96,9 @@ def list_experiments() -> str:
     lines += ["variants:"]
     lines += [f"  {name:13} kd_coef {v['kd_coef']}, strengthen {v['strengthen']}: {v['title']}"
               for name, v in experiments.VARIANTS.items()]
+    lines += ["inference rows:"]
+    lines += [f"  {name:13} {r['model']}'s models, --inference {r['inference']}: {r['title']}"
+              for name, r in experiments.INFERENCE_ROWS.items()]
     return "\n".join(lines)
 
 
@@ -156,27 +169,43 @@ def training_steps(args, variant, seed, stage1, dataset, model):
     return [stage2, train], ckpt, folder
 
 
-def eval_step(args, label, model_path, evalset, needs, train_dataset=None):
+def eval_step(args, label, model_path, evalset, needs, train_dataset=None, inference="plain"):
     set_id, data, dataset, total, positions, batch, _ = evalset
+    plain = inference == "plain"  # else PINE: hf backend, one GPU, its own batch (eval_data.py refuses more)
+    if not plain:
+        batch = max(1, args.pine_batch * batch // args.eval_batch)  # sets of longer prompts halve both
+    gpus = args.eval_gpus if plain else 1
     out_dir = eval_dir(os.path.join(args.out, "evaluate"), dataset, label)
     argv = [PY, "eval_data.py", "--input-path", data, "--model", model_path, "--label", label,
             "--dataset_name", dataset, "--output-path", os.path.join(args.out, "evaluate"), "--total_doc", str(total),
             "--sample_num", str(args.eval_num), "--positions", positions, "--positions_per_call",
-            str(args.positions_per_call), "--backend", args.backend, "--batch_size", str(batch),
-            "--num_gpus", str(args.eval_gpus), "--seed", str(args.seed), "--compact_finished"]
+            str(args.positions_per_call), "--backend", args.backend if plain else "hf", "--batch_size", str(batch),
+            "--num_gpus", str(gpus), "--seed", str(args.seed)]
+    argv += ["--compact_finished"] if plain else ["--inference", inference]
     argv += ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
     argv += ["--train_dataset", train_dataset] if train_dataset else []
-    return Step(f"eval-{label}-{set_id}", argv, gpus=args.eval_gpus, needs=tuple(needs),
+    return Step(f"eval-{label}-{set_id}", argv, gpus=gpus, needs=tuple(needs),
                 outputs=(predictions_file(out_dir, total),))
 
 
+def row_model(row: str) -> str:
+    """The row whose models ``row`` evaluates: itself, or an inference row's."""
+    return experiments.INFERENCE_ROWS.get(row, {}).get("model", row)
+
+
 def plan(args):
-    """Every step of the experiment, in the order they should start, and the table's layout."""
+    """Every step of the experiment in the order they should start, the evaluation sets, the
+    table's (row, label) runs and the (reference, label) pairs compared."""
     spec = experiments.EXPERIMENTS[args.experiment]
     rows = spec["rows"] if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r != "base" and r not in experiments.VARIANTS]
+    known = ["base", *experiments.VARIANTS, *experiments.INFERENCE_ROWS]
+    unknown = [r for r in rows if r not in known]
     if unknown or not rows:
-        raise UserError(f"--rows: unknown rows {unknown} (variants: {', '.join(experiments.VARIANTS)})")
+        raise UserError(f"--rows: unknown rows {unknown} (rows: {', '.join(known)})")
+    trained = list(dict.fromkeys(row_model(r) for r in rows if row_model(r) != "base"))
+    given = {"p2d": args.p2d_checkpoint} if args.p2d_checkpoint else {}  # variant -> checkpoint, not trained
+    if args.p2d_checkpoint and "p2d" not in trained:
+        raise UserError(f"--p2d_checkpoint: no row of {args.experiment} evaluates p2d (rows: {', '.join(rows)})")
     dataset = check_name(args.dataset_name or dataset_name_from_path(args.data), "--dataset_name")
     model = check_name(model_name(args.model), "--model (its name)")
     sets = eval_sets(args, spec, dataset)
@@ -188,36 +217,56 @@ def plan(args):
                              "--batch_size", str(args.stage1_batch), "--seed", str(args.seed)]
                   + (["--limit", str(args.limit)] if args.limit else [])
                   + (["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []), gpus=1)
-    labels = []  # (row, label) for the table
-    trained = [r for r in rows if r != "base"]
-    if trained:
+    if any(v not in given for v in trained):
         steps.append(stage1)
-    evals = []
-    if "base" in rows:
-        labels.append(("base", "base"))
-        evals += [eval_step(args, "base", args.model, s, [s[6].id] if s[6] else []) for s in sets]
-    seeds = [args.seed + i for i in range(args.seeds)]
+    runs = {"base": [("base", args.model, [], None)]}  # model row -> (label, model, steps needed, train data)
     for variant in trained:
-        for seed in seeds:
-            label = f"{variant}-seed{seed}"
-            labels.append((variant, label))
+        if variant in given:
+            runs[variant] = [(variant, given[variant], [], None)]
+            continue
+        runs[variant] = []
+        for seed in (args.seed + i for i in range(args.seeds)):
             more, ckpt, folder = training_steps(args, variant, seed, stage1, dataset, model)
             steps += [s for s in more if s.id not in {x.id for x in steps}]  # stage 2 is shared by rows
-            for s in sets:
-                evals.append(eval_step(args, label, ckpt, s, [more[1].id] + ([s[6].id] if s[6] else []), folder))
-                if "base" in rows:
-                    evals.append(compare_step(args, label, s))
-    return steps + evals, sets, labels
+            runs[variant].append((f"{variant}-seed{seed}", ckpt, [more[1].id], folder))
+    labels, pairs, evals = [], [], []
+    for row in rows:
+        source = row_model(row)
+        inference = experiments.INFERENCE_ROWS.get(row, {}).get("inference", "plain")
+        for source_label, path, needs, folder in runs[source]:
+            label = row + source_label[len(source):]  # p2d-seed42 -> p2d_pine-seed42, base -> pine
+            labels.append((row, label))
+            evals += [eval_step(args, label, path, s, needs + ([s[6].id] if s[6] else []), folder, inference)
+                      for s in sets]
+            if row != "base" and "base" in rows:
+                pairs.append(("base", label))
+            if source not in ("base", row) and source in rows:  # p2d vs p2d_pine, seed by seed
+                pairs.append((source_label, label))
+    steps += evals + [compare_step(args, ref, label, s) for ref, label in pairs for s in sets]
+    if spec.get("bench") and any(r in experiments.INFERENCE_ROWS for r in rows):
+        steps.append(bench_step(args, sets[0]))
+    return steps, sets, labels, pairs
 
 
-def compare_step(args, label, evalset):
+def compare_step(args, ref, label, evalset):
     set_id, _, dataset, total, _, _, _ = evalset
     files = [predictions_file(eval_dir(os.path.join(args.out, "evaluate"), dataset, name), total)
-             for name in ("base", label)]
-    output = os.path.join(args.out, "compare", f"{set_id}-{label}")
-    return Step(f"compare-{label}-{set_id}", [PY, "compare_predictions.py", *files, "--label", "base", label,
-                                              "--output", output],
-                needs=(f"eval-base-{set_id}", f"eval-{label}-{set_id}"), outputs=(output + ".json",))
+             for name in (ref, label)]
+    output = comparison_prefix(args.out, set_id, ref, label)
+    sid = f"compare-{label}-{set_id}" if ref == "base" else f"compare-{label}-vs-{ref}-{set_id}"
+    return Step(sid, [PY, "compare_predictions.py", *files, "--label", ref, label, "--output", output],
+                needs=(f"eval-{ref}-{set_id}", f"eval-{label}-{set_id}"), outputs=(output + ".json",))
+
+
+def bench_step(args, evalset):
+    """benchmarks/bench_pine.py: PINE's prompts/s against plain inference on the base model."""
+    _, data, _, total, _, _, _ = evalset
+    output = os.path.join(args.out, BENCH_FILE)
+    argv = [PY, os.path.join("benchmarks", "bench_pine.py"), "--model", args.model, "--data", data,
+            "--total_doc", str(total), "--sample_num", str(args.bench_num), "--positions", "0,last",
+            "--batch_size", *map(str, args.bench_batch), "--max_new_tokens", str(args.max_new_tokens or 100),
+            "--seed", str(args.seed), "--output", output]
+    return Step("bench-pine", argv, gpus=1, outputs=(output,))
 
 
 def describe(step, done) -> str:
@@ -237,14 +286,20 @@ def main(argv):
         raise UserError("--model and --data are required")
     if not os.path.isfile(args.data):
         raise UserError(f"--data {args.data}: no such file (prepare_data.py nq writes one)")
-    for flag in ("seeds", "train_gpus", "eval_gpus", "num", "eval_num"):
+    for flag in ("seeds", "train_gpus", "eval_gpus", "num", "eval_num", "pine_batch", "bench_num"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
+    if min(args.bench_batch) < 1:
+        raise UserError("--bench_batch: batch sizes must be at least 1")
+    if args.p2d_checkpoint:
+        if not os.path.isdir(args.p2d_checkpoint):
+            raise UserError(f"--p2d_checkpoint {args.p2d_checkpoint}: no such folder")
+        args.p2d_checkpoint = os.path.abspath(args.p2d_checkpoint)
     args.data = os.path.abspath(args.data)
     if os.path.exists(args.model):
         args.model = os.path.abspath(args.model)
     args.out = os.path.abspath(args.out or os.path.join("runs", f"{args.experiment}_{model_name(args.model)}"))
-    steps, sets, labels = plan(args)
+    steps, sets, labels, pairs = plan(args)
     done = finished_steps(steps, args.out, ROOT)
     gpus = visible_gpus(args.gpus)
     if args.dry_run:
@@ -257,7 +312,7 @@ def main(argv):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     status = run_steps(steps, gpus, process_launcher(args.out, ROOT, env, args.port), done=done,
                        log=lambda line: print(line, flush=True))
-    print(write_table(args.out, args.experiment, sets, labels))
+    print(write_table(args.out, args.experiment, sets, labels, pairs))
     failed = sorted(sid for sid, s in status.items() if s in ("failed", "skipped"))
     if failed:
         print(f"error: {len(failed)} steps failed or were skipped: {', '.join(failed)} (logs/STEP.log)", file=sys.stderr)

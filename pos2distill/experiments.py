@@ -1,8 +1,9 @@
 """The named experiments of ``reproduce.py``: which rows (models) are trained and evaluated on
 which evaluation sets, and the paper's published numbers to print beside ours.
 
-A row is ``base`` (the model as given) or a variant below, trained once per seed (stage 2 with
-that seed, then stage 3). An evaluation set is ``train`` (the ``--data`` file), ``kv`` (``--kv_data``,
+A row is ``base`` (the model as given), a variant below, trained once per seed (stage 2 with
+that seed, then stage 3), or an inference row: another row's models answered with another
+``eval_data.py --inference`` (compared with base and with that row). An evaluation set is ``train`` (the ``--data`` file), ``kv`` (``--kv_data``,
 the NQ-trained rows on key-value retrieval) or ``nqK`` (``K``-document NQ built from ``--oracle``).
 Positions: ``paper`` = 0,5,10,15,last; ``all``; ``every5`` = 0,5,10,...,last; or a list.
 Edit this file to add a variant or an experiment; ``python reproduce.py list`` prints them.
@@ -22,6 +23,13 @@ VARIANTS = {
                      "title": "Pos2Distill on unfiltered answers (control)"},
 }
 
+# row -> (the row whose models it evaluates, eval_data.py --inference); PINE runs on the hf backend,
+# one GPU per evaluation, at reproduce.py's --pine_batch
+INFERENCE_ROWS = {
+    "pine": {"model": "base", "inference": "pine", "title": "base model with PINE (training-free)"},
+    "p2d_pine": {"model": "p2d", "inference": "pine", "title": "Pos2Distill checkpoint with PINE"},
+}
+
 EXPERIMENTS = {
     "table1": {"about": "base model's accuracy at each gold position (no training)",
                "rows": ["base"], "evals": ["train"]},
@@ -31,6 +39,9 @@ EXPERIMENTS = {
            "rows": ["base", "p2d"], "evals": ["kv"]},
     "docs": {"about": "Pos2Distill trained on --data, evaluated on 10, 30 and 50 NQ documents (--oracle)",
              "rows": ["base", "p2d"], "evals": ["nq10", "nq30", "nq50"]},
+    # issue 19; bench: benchmarks/bench_pine.py on the base model (PINE's prompts/s against plain)
+    "pine": {"about": "base, PINE, Pos2Distill, Pos2Distill + PINE; is PINE flat; PINE's cost (bench_pine.py)",
+             "rows": ["base", "pine", "p2d", "p2d_pine"], "evals": ["train"], "bench": True},
 }
 
 # The paper's numbers (accuracy %, NQ, 20 documents, last 500 questions). Source: arXiv 2508.15709

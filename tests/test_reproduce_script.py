@@ -35,14 +35,20 @@ def reproduce(*args, timeout=600):
                           text=True, env=env, timeout=timeout)
 
 
+def tiny_run(experiment, model, data, out):
+    """reproduce.py arguments for a run at tiny sizes: 1 seed, two CPU lanes, 6 stage-1 questions,
+    2 training examples, the last 4 questions evaluated, 4 new tokens."""
+    return [experiment, "--model", model, "--data", str(data), "--total_doc", str(TOTAL), "--out", str(out),
+            "--seeds", "1", "--gpus", "cpu,cpu", "--gold_doc", "0", "--limit", "6", "--num", "2", "--k", "2",
+            "--eval_num", "4", "--train_batch", "2", "--max_len", "2048", "--max_new_tokens", "4",
+            "--eval_batch", "8", "--lr", "1e-4", "--port", str(free_port())]
+
+
 def test_table3_on_cpu_then_resume(tmp_path, tiny_model):
     data = tmp_path / "nq-open-3_total_documents.jsonl.gz"
     write_jsonl(str(data), [record(i) for i in range(10)])
     out = tmp_path / "out"
-    args = ["table3", "--model", tiny_model, "--data", str(data), "--total_doc", str(TOTAL), "--out", str(out),
-            "--seeds", "1", "--gpus", "cpu,cpu", "--gold_doc", "0", "--limit", "6", "--num", "2", "--k", "2",
-            "--eval_num", "4", "--train_batch", "2", "--max_len", "2048", "--max_new_tokens", "4",
-            "--eval_batch", "8", "--lr", "1e-4", "--port", str(free_port())]
+    args = tiny_run("table3", tiny_model, data, out)
     proc = reproduce(*args)
     logs = "".join(f"--- {f.name}\n{f.read_text()[-1500:]}" for f in (out / "logs").glob("*.log")) if proc.returncode else ""
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
