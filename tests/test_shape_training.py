@@ -39,6 +39,8 @@ def test_train_nq_sh_on_a_shape_folder_saves_what_it_trained(tmp_path):
     (saved,) = [d for d in (tmp_path / "save").iterdir() if d.is_dir()]
     check = json.loads((saved / "save_check.json").read_text())
     assert check["ok"] and check["argmax_agreement"] == 1.0 and check["probe_tokens"] > 10
+    weights = check["weights"]  # gathered from ZeRO-3 one tensor at a time, equal bit for bit
+    assert weights["ok"] and weights["compared"] > 10 and weights["differ_count"] == weights["missing_count"] == 0
     # training moved the weights: the save is not the builder's folder
     from safetensors.torch import load_file
 
@@ -46,3 +48,23 @@ def test_train_nq_sh_on_a_shape_folder_saves_what_it_trained(tmp_path):
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert "save check" in done.stdout + done.stderr
+
+
+def test_compare_weights_finds_one_changed_tensor_and_a_missing_one(tmp_path):
+    from kd.save_check import compare_weights
+    from pos2distill.model_shapes import build_model, shape_config
+
+    model = build_model(shape_config("tiny-qwen2", vocab_size=256), device="cpu", dtype=torch.float32, seed=0)
+    model.save_pretrained(str(tmp_path / "saved"))
+    same = compare_weights(model, str(tmp_path / "saved"), rank0=True)
+    assert same["ok"] and same["compared"] == len(list(model.named_parameters(remove_duplicate=False)))
+    with torch.no_grad():
+        next(iter(model.model.layers[0].parameters())).add_(1e-3)  # trained after the save
+    changed = compare_weights(model, str(tmp_path / "saved"), rank0=True)
+    assert not changed["ok"] and changed["differ_count"] == 1 and changed["max_abs_diff"] > 0
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "saved" / "model.safetensors"))
+    tensors.pop("model.norm.weight")
+    save_file(tensors, str(tmp_path / "saved" / "model.safetensors"), metadata={"format": "pt"})
+    assert compare_weights(model, str(tmp_path / "saved"), rank0=True)["missing"] == ["model.norm.weight"]
