@@ -116,3 +116,16 @@ def test_cli_help_is_fast_and_exits_zero(cli):
     assert "(default: " in result.stdout and not result.stderr
     if cli.startswith("kd"):
         assert time.perf_counter() - started < 10
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("eval_data.py", ["--sample_num", "nan"]),
+    ("prepare_data.py", ["kv", "--num_keys", "1_0", "--output", "x.jsonl"]),
+    ("kd/train_kd.py", ["--dataset", "d", "--pretrain", "m", "--learning_rate", "inf"]),
+    ("compare_predictions.py", ["a.jsonl"]),
+])
+def test_a_bad_flag_is_one_error_line(script, argv, tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert not os.listdir(tmp_path)  # nothing written
