@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # README command 1: set up, then run the whole pipeline on the embedded default
-# (SmolLM2-135M-Instruct from PyPI) on CPU, small enough for ~15 minutes on 2 cores:
+# (SmolLM2-135M-Instruct from PyPI) on CPU, small enough for ~11 minutes on 2 cores (a fresh install included):
 #   data  -> NQ k-document set built from the local oracle file (BM25 distractors)
 #   stage 1 -> measure the advantageous position, sample answers there
 #   stage 2 -> advantageous/trivial position pairs
