@@ -188,6 +188,16 @@ def attention_kernel(attn: str, use_cuda: bool) -> str:
     return attn
 
 
+def enable_checkpointing(hf_model, use_reentrant: bool) -> None:
+    """transformers >= 5.23 renamed it (the old name warns there); older releases, e.g. the 5.17 of
+    the H200 box, know only ``gradient_checkpointing_enable``."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(hf_model, "activation_checkpointing_enable"):
+        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_training_data(args):
     """Models resolved, the stage-2 dataset tokenized and filtered by --max_len.
 
@@ -338,12 +348,7 @@ def train(args) -> None:
         if args.lr_scheduler == "cosine_with_min_lr" else {},
     )
     if args.gradient_checkpointing:
-        # transformers >= 5.23 renamed it (the old name warns there); older releases know only the old one
-        kwargs = {"use_reentrant": args.gradient_checkpointing_use_reentrant}
-        if hasattr(model.model, "activation_checkpointing_enable"):
-            model.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(model.model, args.gradient_checkpointing_use_reentrant)
     (model, optim, scheduler), teacher = strategy.prepare((model, optim, scheduler), teacher)
     strategy.print(f"timing: optimizer and DeepSpeed engines ready in {lap()}")
 

@@ -68,3 +68,20 @@ def test_compare_weights_finds_one_changed_tensor_and_a_missing_one(tmp_path):
     tensors.pop("model.norm.weight")
     save_file(tensors, str(tmp_path / "saved" / "model.safetensors"), metadata={"format": "pt"})
     assert compare_weights(model, str(tmp_path / "saved"), rank0=True)["missing"] == ["model.norm.weight"]
+
+
+def test_checkpointing_uses_the_name_the_installed_transformers_has():
+    from kd.train_kd import enable_checkpointing
+
+    class Old:  # transformers < 5.23: only the old name
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs):
+            self.called = ("old", gradient_checkpointing_kwargs)
+
+    class New(Old):
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs):
+            self.called = ("new", activation_checkpointing_kwargs)
+
+    old, new = Old(), New()
+    enable_checkpointing(old, False)
+    enable_checkpointing(new, True)
+    assert old.called == ("old", {"use_reentrant": False}) and new.called == ("new", {"use_reentrant": True})
