@@ -26,8 +26,8 @@ from pos2distill.cli_args import dataset_name_from_path
 from pos2distill.errors import UserError, run_cli
 from pos2distill.experiment_table import BENCH_FILE, comparison_prefix, write_table
 from pos2distill.lanes import Step, finished_steps, process_launcher, run_steps
-from pos2distill.names import (check_name, checkpoint_name, dataset_name, eval_dir, model_name, parse_kd_coef,
-                               predictions_file)
+from pos2distill.names import (DEFAULT_SEED, check_name, checkpoint_name, dataset_name, eval_dir, model_name,
+                               parse_kd_coef, predictions_file)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -44,7 +44,8 @@ def parse_args(argv):
     p.add_argument("--total_doc", type=int, default=20, help="documents per prompt in --data (default 20)")
     p.add_argument("--rows", default=None, help="comma list: only these rows of the experiment (default: all)")
     p.add_argument("--seeds", type=int, default=3, help="trainings per trained row, seeds SEED, SEED+1, ... (default 3)")
-    p.add_argument("--seed", type=int, default=42, help="first training seed; stage 1 and 4 seed (default 42)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"first training seed; stage 1 and 4 seed (default {DEFAULT_SEED})")
     p.add_argument("--positions", default="paper",
                    help="--data's evaluated positions: paper (0,5,10,15,last), all, every5, or a list (default paper)")
     lanes = p.add_argument_group("GPUs")
@@ -55,7 +56,8 @@ def parse_args(argv):
     s1 = p.add_argument_group("stage 1")
     s1.add_argument("--gold_doc", default="auto", help="advantageous position: auto (probed) or an index (default auto)")
     s1.add_argument("--limit", type=int, default=None, help="stage 1 on the first N questions only (default: all)")
-    s1.add_argument("--probe_num", type=int, default=100, help="--gold_doc auto: questions probed (default 100)")
+    s1.add_argument("--probe_num", type=int, default=None,
+                    help="--gold_doc auto: questions probed (default: stage 1's, 300)")
     s1.add_argument("--stage1_batch", type=int, default=128, help="stage 1 batch size (default 128)")
     s2 = p.add_argument_group("stage 2 and 3")
     s2.add_argument("--num", type=int, default=400, help="training examples (default 400)")
@@ -212,9 +214,10 @@ def plan(args):
     steps = [s[6] for s in sets if s[6]]
     stage1 = Step("stage1", [PY, "gen_advantageous_pos_for_R1.py", "--input-path", args.data, "--model", args.model,
                              "--output-path", os.path.join(args.out, "raw_data"), "--dataset_name", dataset,
-                             "--total_doc", str(args.total_doc), "--gold_doc", args.gold_doc, "--probe_num",
-                             str(args.probe_num), "--eval_holdout", str(args.eval_num), "--backend", args.backend,
+                             "--total_doc", str(args.total_doc), "--gold_doc", args.gold_doc,
+                             "--eval_holdout", str(args.eval_num), "--backend", args.backend,
                              "--batch_size", str(args.stage1_batch), "--seed", str(args.seed)]
+                  + (["--probe_num", str(args.probe_num)] if args.probe_num else [])
                   + (["--limit", str(args.limit)] if args.limit else [])
                   + (["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []), gpus=1)
     if any(v not in given for v in trained):
