@@ -54,22 +54,12 @@ def compare(trained: torch.Tensor, reloaded: torch.Tensor, trained_dtype: torch.
             "argmax_agreement": agree, "ok": diff / scale <= tolerance}
 
 
-def saved_tensors(folder: str) -> dict:
-    """``{name: file}`` of the folder's safetensors shards (empty when it holds none)."""
-    from safetensors import safe_open
-
-    where = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), "pt") as handle:
-                where.update({key: os.path.join(folder, name) for key in handle.keys()})
-    return where
-
-
 def compare_weights(module, folder: str, rank0: bool) -> dict:
     """Every parameter of ``module`` against the saved tensor of its name, bit for bit; ZeRO-3
     parameters are gathered one at a time on every rank (collective). Tied weights saved once
     are looked up under the first name they were saved as."""
+    import contextlib
+
     from safetensors import safe_open
 
     try:
@@ -78,37 +68,35 @@ def compare_weights(module, folder: str, rank0: bool) -> dict:
         gather = deepspeed.zero.GatheredParameters
     except ImportError:  # no ZeRO: parameters are whole already
         gather = None
-    where = saved_tensors(folder) if rank0 else {}
     compared, differ, missing, worst = 0, [], [], 0.0
     seen = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        with (gather([param], modifier_rank=None) if gather and hasattr(param, "ds_id") else _nothing()):
-            if not rank0:
-                continue
-            key = name if name in where else seen.get(id(param))
-            if key is None or key not in where:
-                missing.append(name)
-                continue
-            seen.setdefault(id(param), key)
-            with safe_open(where[key], "pt") as handle:
-                saved = handle.get_tensor(key)
-            mine = param.detach().to("cpu", saved.dtype)
-            compared += 1
-            if saved.shape != mine.shape or not torch.equal(saved, mine):
-                gap = float((saved.float() - mine.float()).abs().max()) if saved.shape == mine.shape else float("inf")
-                worst = max(worst, gap)
-                differ.append(name)
+    with contextlib.ExitStack() as files:
+        where = {}  # tensor name -> its shard, each shard opened once
+        if rank0:
+            for name in sorted(os.listdir(folder)):
+                if name.endswith(".safetensors"):
+                    handle = files.enter_context(safe_open(os.path.join(folder, name), "pt"))
+                    where.update({key: handle for key in handle.keys()})
+        for name, param in module.named_parameters(remove_duplicate=False):
+            zero3 = gather is not None and hasattr(param, "ds_id")
+            with gather([param], modifier_rank=None) if zero3 else contextlib.nullcontext():
+                if not rank0:
+                    continue
+                key = name if name in where else seen.get(id(param))
+                if key is None:
+                    missing.append(name)
+                    continue
+                seen.setdefault(id(param), key)
+                saved = where[key].get_tensor(key)
+                mine = param.detach().to("cpu", saved.dtype)
+                compared += 1
+                if saved.shape != mine.shape or not torch.equal(saved, mine):
+                    gap = float((saved.float() - mine.float()).abs().max()) if saved.shape == mine.shape else float("inf")
+                    worst = max(worst, gap)
+                    differ.append(name)
     return {"compared": compared, "differ": differ[:10], "differ_count": len(differ), "missing": missing[:10],
             "missing_count": len(missing), "max_abs_diff": worst,
             "ok": compared > 0 and not differ and not missing}
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def check_saved_logits(strategy, model, dataset, folder: str, packed: bool) -> None:
