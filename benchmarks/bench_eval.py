@@ -12,7 +12,7 @@ document at each of ``--positions``), greedily, with the same model object:
   baseline again at each and compare its scores with the first's: how many scores the batch
   shape alone changes at this precision.
 
-``--dtype float32 --tf32`` runs both in float32 with TF32 tensor-core matrix multiplies.
+``--baseline_only`` times the baseline alone. ``--dtype float32 --tf32`` runs both in float32 with TF32 tensor-core matrix multiplies.
 
 Reports prompts/s of each (tokenization included in both, one call per position as stage 4
 makes), the speed-up, and whether the scores (best-subspan EM on the first line) agree per
@@ -54,6 +54,9 @@ def parse_args(argv):
                         help="HF-backend batch size(s) to measure (stage 4 ran at 128)")
     parser.add_argument("--baseline_batch_size", type=int, nargs="+", default=[64],
                         help="the baseline's batch size; more sizes run it again, compared with the first")
+    parser.add_argument("--baseline_only", action="store_true",
+                        help="time the baseline alone (when stage 4's own summary times our backends, e.g. "
+                             "beside a vLLM run)")
     parser.add_argument("--compact", choices=("off", "on", "both"), default="both",
                         help="measure the HF backend without / with compact_finished, or both")
     parser.add_argument("--positions_per_call", type=int, default=1,
@@ -188,7 +191,8 @@ def main(argv):
 
         if args.warmup_prompts:
             warm = all_items[: args.warmup_prompts]
-            run_ours(warm)
+            if not args.baseline_only:
+                run_ours(warm)
             run_baseline(warm, args.baseline_batch_size[0])
 
         group = args.positions_per_call
@@ -196,7 +200,7 @@ def main(argv):
                  for i in range(0, len(per_position), group)]
         runs, out_of_memory = {}, {}
         compact_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compact]
-        for batch_size in args.batch_size:
+        for batch_size in [] if args.baseline_only else args.batch_size:
             for compact in compact_modes:
                 backend.batch_size = batch_size
                 backend.compact_finished = compact

@@ -172,6 +172,17 @@ def test_bench_eval(tmp_path, tiny_model):
     assert "speed-up" in stdout
 
 
+def test_bench_eval_baseline_only(tmp_path, tiny_model):
+    data = _nq_file(tmp_path / "nq-4.jsonl.gz")
+    out = tmp_path / "eval.json"
+    stdout = _run("bench_eval.py", "--data", data, "--model", tiny_model, "--device", "cpu", "--threads", "1",
+                  "--total_doc", TOTAL, "--sample_num", 3, "--positions", "0", "--baseline_batch_size", 2,
+                  "--max_new_tokens", 4, "--warmup_prompts", 1, "--baseline_only", "--output", out)
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"baseline"} and runs["baseline"]["prompts"] == 3 and runs["baseline"]["prompts_per_s"] > 0
+    assert "ours" not in stdout.replace("ours-", "")
+
+
 def test_bench_eval_positions_per_call(tmp_path, tiny_model):
     data = _nq_file(tmp_path / "nq-4.jsonl.gz")
     out = tmp_path / "eval.json"
