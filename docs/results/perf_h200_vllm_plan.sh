@@ -58,7 +58,7 @@ content_sha() { zcat "$1" | sha256sum | cut -c1-16; }
 
 if [ "$PART" = A ]; then
   finish Qwen2.5-Coder-0.5B-Instruct.gguf 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 || exit 1
-  [ -f "$M/Qwen2.5-Coder-1.5B-Instruct.gguf" ] || mv "$M/Qwen2.5-Coder-1.5B-Instruct.gguf.partial" "$M/Qwen2.5-Coder-1.5B-Instruct.gguf"
+  finish Qwen2.5-Coder-1.5B-Instruct.gguf cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 || exit 1
   ls -l "$M"/*.gguf | tee -a "$LOG"
   step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
   # the 1.5B conversion (87 s of CPU) runs beside the 0.5B GPU work
