@@ -3,10 +3,12 @@
 # Run from the repo root through the device tool, after the chunk calls that put into /root/models:
 #   Qwen2.5-Coder-0.5B-Instruct.gguf(.partial), Qwen2.5-Coder-1.5B-Instruct.gguf(.partial),
 #   vllm-wheels.tar(.partial) (../shared/tools/vllm-device: 118 wheels incl. device-wheels.sh's),
-#   small/ (a copy of .carry/small: qwen_tokenizer/, nq20.jsonl.gz (96 questions), pairs/) and
-#   qa_data/nq-open-20_total_documents.jsonl.gz (prepare_data.py nq --total_doc 20; 2654 questions).
-#   run(timeout_s=600, command="bash docs/results/perf_h200_vllm_plan.sh A")   vLLM: stage 4, stage 1 x 3
-#   run(timeout_s=600, command="bash docs/results/perf_h200_vllm_plan.sh B")   HF: stage 1 x 2, stage 4, baseline
+#   data/nq-open-20_total_documents.jsonl.gz (prepare_data.py nq --oracle ../shared/data/nq-open-oracle.jsonl.gz
+#   --total_doc 20; 2654 questions) and, for C, small/ (qwen_tokenizer/, nq20.jsonl.gz, pairs/).
+#   run(timeout_s=600, command="bash docs/results/perf_h200_vllm_plan.sh A")   0.5B: stage 4 vLLM and HF,
+#                                       stage 1 vLLM (probe; then the chosen position twice: same seed, same file?)
+#   run(timeout_s=600, command="bash docs/results/perf_h200_vllm_plan.sh B")   1.5B stage 1 vLLM; the plain
+#                                       baseline's speed; stage 1 on HF for both models
 #   run(timeout_s=600, command="bash docs/results/perf_h200_vllm_plan.sh C")   train_nq.sh at the 7B shape
 #     (C alone on a fresh machine: carry=[".whl", ".carry/small"], .whl from ../shared/tools/device-wheels.sh)
 # Results come back as a few tarballs and logs under $OUT (at most 8 files).
@@ -17,8 +19,11 @@ mkdir -p "$W" "$OUT"
 LOG="$OUT/log_$PART.txt"
 T0=$(date +%s)
 note() { echo "== [$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
-step() {  # step NAME SECONDS CMD...: one step under a timeout, its output in the log
-  local name=$1 limit=$2; shift 2
+DEADLINE=$(( T0 + ${BUDGET_S:-560} ))  # the call's 600 s, less the time the tarballs need
+step() {  # step NAME SECONDS CMD...: one step under a timeout (cut to the deadline), its output in the log
+  local name=$1 limit=$2 left=$(( DEADLINE - $(date +%s) )); shift 2
+  [ "$left" -lt "$limit" ] && limit=$left
+  [ "$limit" -gt 5 ] || { note "$name: skipped, no time left"; return 124; }
   note "$name (limit $limit s): $*"
   local began=$(date +%s)
   timeout -k 15 "$limit" "$@" 2>&1 | grep --line-buffered -v "^\s*$" | grep --line-buffered -v "it/s\]$" | tee -a "$LOG"
@@ -37,7 +42,7 @@ if [ ! -f /tmp/site/.installed ] && [ "$PART" = C ] && [ -d .whl ]; then  # C al
   [ -d "$M/small" ] || { mkdir -p "$M" && cp -r .carry/small "$M/small"; }
 fi
 if [ ! -f /tmp/site/.installed ]; then
-  finish vllm-wheels.tar 663c9f89a0f748295d9082f3c04484ea874b36316f8c8d147e12c666ada55464 || exit 1
+  finish vllm-wheels.tar 217cc46bcb0b048211ee45736ddf882e06f6b27a0d07bbab7bb56055ff793c6a || exit 1
   mkdir -p /root/wh && tar -xf "$M/vllm-wheels.tar" -C /root/wh
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /root/wh/wheels/*.whl \
     || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
@@ -48,7 +53,7 @@ export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD PATH=
   PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 TORCH_EXTENSIONS_DIR=/tmp/ext
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1 | tee -a "$LOG"
-DATA=$M/qa_data/nq-open-20_total_documents.jsonl.gz
+DATA=$M/data/nq-open-20_total_documents.jsonl.gz
 M05=$W/Qwen2.5-Coder-0.5B-Instruct M15=$W/Qwen2.5-Coder-1.5B-Instruct
 # CONVERT GGUF FOLDER: the dequantized safetensors folder (transformers + gguf)
 CONVERT=(python3 -c "import os, sys; from pos2distill.models import convert_gguf; os.path.exists(sys.argv[2] + '/config.json') or convert_gguf(sys.argv[1], sys.argv[2])")
@@ -56,68 +61,77 @@ POS5=0,5,10,15,19
 chosen() { ls "$1"/nq/*_20docs_*.jsonl.gz 2>/dev/null | head -1 | sed -E 's/.*_20docs_([0-9]+)\.jsonl\.gz/\1/'; }
 content_sha() { zcat "$1" | sha256sum | cut -c1-16; }
 
+answers() {  # answers FILE.jsonl.gz OUT.jsonl: the records without their documents
+  zcat "$1" | python3 -c "import sys, json; [print(json.dumps({k: r[k] for k in ('example_id', 'gold_idx', 'oracle_answer', 'oracle_correct')})) for r in map(json.loads, sys.stdin)]" > "$2"
+}
+differ() {  # differ A B: how many answers of two stage-1 files differ
+  python3 - "$1" "$2" <<'PY' | tee -a "$LOG"
+import gzip, json, sys
+a, b = ({r["example_id"]: r["oracle_answer"] for r in map(json.loads, gzip.open(f, "rt"))} for f in sys.argv[1:])
+print(f"   {sum(a[k] != b.get(k) for k in a)} of {len(a)} answers differ")
+PY
+}
+s1file() { ls "$1"/nq/"$2"_20docs_*.jsonl.gz 2>/dev/null | head -1; }
+
 if [ "$PART" = A ]; then
   finish Qwen2.5-Coder-0.5B-Instruct.gguf 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 || exit 1
   finish Qwen2.5-Coder-1.5B-Instruct.gguf cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 || exit 1
-  ls -l "$M"/*.gguf | tee -a "$LOG"
   step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
   # the 1.5B conversion (87 s of CPU) runs beside the 0.5B GPU work
   ( "${CONVERT[@]}" "$M/Qwen2.5-Coder-1.5B-Instruct.gguf" "$M15" > "$W/convert15.log" 2>&1; echo "exit $?" >> "$W/convert15.log" ) &
-  CONV=$!
   # A1: stage 4 on vLLM, 500 questions x the paper's 5 positions, one engine for all positions
-  step s4_vllm_05 260 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend vllm --sample_num 500 \
+  step s4_vllm_05 240 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend vllm --sample_num 500 \
       --positions "$POS5" --output-path "$W/eval_vllm" --seed 42
-  # A2: stage 1 on vLLM with the probe (300 held-out questions x 20 positions), then 1200 sampled answers
-  step s1_vllm_05 200 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=auto bash gen_advantageous_pos_for_R1.sh \
+  # A2: stage 1 on vLLM with the probe (300 held-out questions x 20 positions), then 1200 sampled answers;
+  # then the chosen position given twice more: one flow against the other, and the same flow twice
+  step s1_vllm_05_auto 200 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=auto bash gen_advantageous_pos_for_R1.sh \
       --limit 1200 --output-path "$W/raw_vllm"
-  P05=$(chosen "$W/raw_vllm"); note "0.5B probe chose position $P05"
-  # A3: the same sampling again (same seed, the chosen position given): the same records?
-  step s1_vllm_05_rerun 150 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC="$P05" bash gen_advantageous_pos_for_R1.sh \
-      --limit 1200 --output-path "$W/raw_vllm_rerun"
-  A=$(content_sha "$W/raw_vllm/nq/Qwen2.5-Coder-0.5B-Instruct_20docs_$P05.jsonl.gz")
-  B=$(content_sha "$W/raw_vllm_rerun/nq/Qwen2.5-Coder-0.5B-Instruct_20docs_$P05.jsonl.gz")
-  note "rerun content sha256: first $A, rerun $B ($([ "$A" = "$B" ] && echo identical || echo DIFFERENT))"
-  wait "$CONV"; cat "$W/convert15.log" | tail -3 | tee -a "$LOG"
-  # A4: stage 1 on vLLM for the 1.5B model
-  step s1_vllm_15 240 env MODEL="$M15" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=auto bash gen_advantageous_pos_for_R1.sh \
-      --limit 1200 --output-path "$W/raw_vllm"
-  note "1.5B probe chose position $(ls $W/raw_vllm/nq/Qwen2.5-Coder-1.5B*_20docs_*.jsonl.gz | sed -E 's/.*_20docs_([0-9]+).*/\1/')"
-  tar -czf "$OUT/eval_vllm.tgz" -C "$W" eval_vllm
-  tar -czf "$OUT/raw_vllm_summaries.tgz" -C "$W" $(cd "$W" && ls raw_vllm/nq/*.summary.json raw_vllm_rerun/nq/*.summary.json)
-  # the answers alone (the documents are the input's): example id, position, answer, correct
-  for f in "$W"/raw_vllm/nq/*.jsonl.gz "$W"/raw_vllm_rerun/nq/*.jsonl.gz; do
-    zcat "$f" | python3 -c "import sys, json; [print(json.dumps({k: r[k] for k in ('example_id', 'gold_idx', 'oracle_answer', 'oracle_correct')})) for r in map(json.loads, sys.stdin)]" \
-      > "$W/$(basename "$(dirname "$(dirname "$f")")")__$(basename "$f" .gz)"
+  F0=$(s1file "$W/raw_vllm" Qwen2.5-Coder-0.5B-Instruct); P05=$(echo "$F0" | sed -E 's/.*_20docs_([0-9]+)\.jsonl\.gz/\1/')
+  note "0.5B probe chose position ${P05:-?}"
+  for run in fixed_a fixed_b; do
+    step s1_vllm_05_$run 90 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC="${P05:-0}" \
+        bash gen_advantageous_pos_for_R1.sh --limit 1200 --output-path "$W/raw_vllm_$run"
   done
-  tar -czf "$OUT/stage1_answers_vllm.tgz" -C "$W" $(cd "$W" && ls raw_vllm*__*.jsonl)
+  FA=$(s1file "$W/raw_vllm_fixed_a" Qwen2.5-Coder-0.5B-Instruct); FB=$(s1file "$W/raw_vllm_fixed_b" Qwen2.5-Coder-0.5B-Instruct)
+  note "content sha256: auto $(content_sha "$F0"), fixed_a $(content_sha "$FA"), fixed_b $(content_sha "$FB")"
+  note "auto vs fixed_a:"; differ "$F0" "$FA"
+  note "fixed_a vs fixed_b:"; differ "$FA" "$FB"
+  # A3: stage 4 on our HF backend at its best bf16 settings (docs/performance.md), the same prompts as A1
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  step s4_hf_05 170 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend hf --sample_num 500 \
+      --positions "$POS5" --batch_size 256 --compact_finished --output-path "$W/eval_hf" --seed 42
+  tail -3 "$W/convert15.log" | tee -a "$LOG"
+  for run in raw_vllm raw_vllm_fixed_a raw_vllm_fixed_b; do
+    f=$(s1file "$W/$run" Qwen2.5-Coder-0.5B-Instruct); [ -n "$f" ] && answers "$f" "$W/${run}__$(basename "$f" .gz)"
+  done
+  tar -czf "$OUT/results_A.tgz" -C "$W" $(cd "$W" && ls -d eval_vllm eval_hf raw_vllm*__*.jsonl raw_vllm*/nq/*.summary.json 2>/dev/null)
   note "part A done"
   exit 0
 fi
 
 if [ "$PART" = B ]; then
-  P05=$(chosen "$W/raw_vllm"); P15=$(ls $W/raw_vllm/nq/Qwen2.5-Coder-1.5B*_20docs_*.jsonl.gz | sed -E 's/.*_20docs_([0-9]+).*/\1/')
-  note "positions from part A: 0.5B $P05, 1.5B $P15"
-  # B1: stage 1 on the HF backend at the positions vLLM's probe chose, both models side by side on
-  # the GPU (their accuracy is compared, not their speed)
+  F0=$(s1file "$W/raw_vllm" Qwen2.5-Coder-0.5B-Instruct); P05=$(echo "$F0" | sed -E 's/.*_20docs_([0-9]+)\.jsonl\.gz/\1/')
+  # B1: stage 1 on vLLM for the 1.5B model, probe included
+  step s1_vllm_15_auto 230 env MODEL="$M15" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=auto bash gen_advantageous_pos_for_R1.sh \
+      --limit 1200 --output-path "$W/raw_vllm"
+  F1=$(s1file "$W/raw_vllm" Qwen2.5-Coder-1.5B-Instruct); P15=$(echo "$F1" | sed -E 's/.*_20docs_([0-9]+)\.jsonl\.gz/\1/')
+  note "positions: 0.5B ${P05:-?}, 1.5B ${P15:-?}"
+  # B2: the plain batched baseline alone on the GPU (its speed; 200 of the 500 questions)
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  step s1_hf_15 300 env MODEL="$M15" INPUT_PATH="$DATA" BACKEND=hf GOLD_DOC="${P15:-0}" bash gen_advantageous_pos_for_R1.sh \
+  step baseline_05 110 python3 benchmarks/bench_eval.py --data "$DATA" --model "$M05" --total_doc 20 --sample_num 200 \
+      --positions "$POS5" --baseline_only --baseline_batch_size 64 --dtype auto --output "$W/bench_eval_baseline.json"
+  # B3: stage 1 on the HF backend at the positions vLLM's probe chose, both models side by side
+  # (their accuracy is compared, not their speed)
+  step s1_hf_15 200 env MODEL="$M15" INPUT_PATH="$DATA" BACKEND=hf GOLD_DOC="${P15:-0}" bash gen_advantageous_pos_for_R1.sh \
       --limit 1200 --batch_size 128 --output-path "$W/raw_hf" &
   S1=$!
-  step s1_hf_05 300 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=hf GOLD_DOC="${P05:-0}" bash gen_advantageous_pos_for_R1.sh \
+  step s1_hf_05 200 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=hf GOLD_DOC="${P05:-0}" bash gen_advantageous_pos_for_R1.sh \
       --limit 1200 --batch_size 128 --output-path "$W/raw_hf"
   wait "$S1"
-  # B2: stage 4 on our HF backend at its best bf16 settings (docs/performance.md), the same prompts as A1
-  step s4_hf_05 200 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend hf --sample_num 500 \
-      --positions "$POS5" --batch_size 256 --compact_finished --output-path "$W/eval_hf" --seed 42
-  # B3: the plain batched baseline on the same prompts
-  step baseline_05 260 python3 benchmarks/bench_eval.py --data "$DATA" --model "$M05" --total_doc 20 --sample_num 500 \
-      --positions "$POS5" --baseline_only --baseline_batch_size 64 --dtype auto --output "$OUT/bench_eval_baseline.json"
-  tar -czf "$OUT/eval_hf.tgz" -C "$W" eval_hf
-  for f in "$W"/raw_hf/nq/*.jsonl.gz; do
-    zcat "$f" | python3 -c "import sys, json; [print(json.dumps({k: r[k] for k in ('example_id', 'gold_idx', 'oracle_answer', 'oracle_correct')})) for r in map(json.loads, sys.stdin)]" \
-      > "$W/raw_hf__$(basename "$f" .gz)"
+  for f in "$F1" $(ls "$W"/raw_hf/nq/*.jsonl.gz 2>/dev/null); do
+    [ -n "$f" ] && answers "$f" "$W/$(basename "$(dirname "$(dirname "$f")")")__$(basename "$f" .gz)"
   done
-  tar -czf "$OUT/stage1_hf.tgz" -C "$W" $(cd "$W" && ls raw_hf__*.jsonl raw_hf/nq/*.summary.json)
+  tar -czf "$OUT/results_B.tgz" -C "$W" $(cd "$W" && ls -d bench_eval_baseline.json raw_*__*.jsonl raw_vllm/nq/*.summary.json raw_hf/nq/*.summary.json 2>/dev/null)
   note "part B done"
   exit 0
 fi

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..errors import UserError
 from ..worker_pool import WorkerPool
 from .base import GenerationBackend, load_backend_tokenizer
@@ -17,6 +19,7 @@ VLLM_API = {
     "imports": ("LLM", "SamplingParams"),
     "LLM": ("model", "tensor_parallel_size", "dtype", "seed", "max_model_len"),  # keyword arguments
     "LLM.generate": {"positional": ("prompts", "sampling_params"), "keyword": ("use_tqdm",)},
+    "LLM.reset_prefix_cache": (),  # its parameters besides self
     "SamplingParams": ("temperature", "top_p", "max_tokens", "seed", "stop", "include_stop_str_in_output"),
     "TokensPrompt": ("prompt_token_ids",),  # the prompt dicts' keys
     "RequestOutput": ("outputs",),
@@ -51,6 +54,10 @@ def _run_vllm(llm, prompt_ids: list[list[int]], requests: list[dict], use_tqdm: 
     # added, doubling the BOS that the chat template already wrote.
     prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
     params = [SamplingParams(**request) for request in requests]
+    # A call must not depend on what the engine ran before: prefix blocks cached by an earlier call
+    # (stage 1's probe) were computed in other batches, with other bf16 rounding, and changed
+    # sampled answers of a same-seed rerun on the H200 (docs/performance.md).
+    llm.reset_prefix_cache()
     results = llm.generate(prompts, params, use_tqdm=use_tqdm)
     rows = []
     for result in results:
@@ -124,6 +131,9 @@ class VLLMBackend(GenerationBackend):
             llm_kwargs["max_model_len"] = min(max_model_len, window) if window else max_model_len
         self._llm = None
         self._pool = None
+        # vLLM schedules deterministically only with its engine in this process (vLLM's
+        # "Reproducibility" page); a user's own setting wins. Data-parallel workers inherit it.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if self.data_parallel_size == 1:
             from vllm import LLM
 

@@ -1,13 +1,14 @@
 """A stand-in for the ``vllm`` package, for tests on machines without GPUs.
 
 It mirrors the documented offline interface that pos2distill uses: ``LLM``,
-``LLM.generate``, ``SamplingParams``, ``RequestOutput`` and ``CompletionOutput``.
+``LLM.generate``, ``LLM.reset_prefix_cache``, ``SamplingParams``, ``RequestOutput`` and ``CompletionOutput``.
 Unknown keyword arguments raise ``TypeError`` as they would with the real one. Its names,
 signatures and defaults are a subset of vLLM 0.26.0's (tests/data/vllm_api_0.26.0.json;
 tests/test_vllm_api.py checks it).
 
-Every ``LLM(...)`` and ``LLM.generate(...)`` call is appended as one JSON line
-to ``$FAKE_VLLM_LOG`` (with the process id and ``CUDA_VISIBLE_DEVICES``), so a
+Every ``LLM(...)``, ``LLM.generate(...)`` and ``LLM.reset_prefix_cache()`` call is appended as one JSON line
+to ``$FAKE_VLLM_LOG`` (with the process id, ``CUDA_VISIBLE_DEVICES`` and
+``VLLM_ENABLE_V1_MULTIPROCESSING``), so a
 test can check what reached vLLM, including from spawned worker processes.
 
 The "model" generates characters, one token each, with token id
@@ -45,7 +46,8 @@ def _log(event: dict) -> None:
     path = os.environ.get("FAKE_VLLM_LOG")
     if not path:
         return
-    event = dict(event, pid=os.getpid(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    event = dict(event, pid=os.getpid(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                 v1_multiprocessing=os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"))
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(event) + "\n")
 
@@ -168,3 +170,7 @@ class LLM:
             text = prompt if isinstance(prompt, str) else None
             outputs.append(RequestOutput(str(i), text, ids, None, [_complete(prompt, p, script)], True))
         return outputs
+
+    def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
+        _log({"event": "reset_prefix_cache"})
+        return True
