@@ -21,7 +21,7 @@ import zipfile
 
 # public name -> methods whose signatures are recorded (``__init__`` always)
 RECORDED = {
-    "LLM": ["generate", "reset_prefix_cache"],
+    "LLM": ["generate"],
     "EngineArgs": [],  # LLM(**kwargs) passes unknown keyword arguments on to EngineArgs
     "SamplingParams": [],
     "RequestOutput": [],

@@ -56,14 +56,6 @@ def api_use_problems(used: dict, api: dict) -> list[str]:
         problems.append(f"LLM.generate's positional parameters are {positional}")
     keywords = {p["name"] for p in generate if p["kind"] in ("positional_or_keyword", "keyword_only")}
     problems += [f"LLM.generate takes no keyword {k!r}" for k in used["LLM.generate"]["keyword"] if k not in keywords]
-    for method in (key for key in used if key.startswith("LLM.") and key != "LLM.generate"):
-        name = method.split(".", 1)[1]
-        if name not in api["classes"]["LLM"]["methods"]:
-            problems.append(f"{method} is not recorded (scripts/record_vllm_api.py's RECORDED) or vLLM lacks it")
-            continue
-        params = {p["name"]: p for p in _method(api, "LLM", name)[1:]}
-        problems += [f"{method} takes no {k!r}" for k in used[method] if k not in params]
-        problems += [f"{method} needs {k!r}" for k, p in params.items() if not p["has_default"] and k not in used[method]]
     for cls in ("SamplingParams", "TokensPrompt", "CompletionOutput"):
         problems += [f"{cls} has no field {f!r}" for f in used[cls] if f not in _field_names(api, cls)]
     attributes = set(api["classes"]["RequestOutput"]["attributes"])
@@ -138,14 +130,6 @@ def test_the_comparison_notices_a_name_vllm_lacks(api, part, name):
     assert any(repr(name) in p or name in p for p in api_use_problems(used, api))
 
 
-def test_the_comparison_notices_a_method_vllm_lacks_or_an_argument_it_needs(api):
-    assert api_use_problems(dict(VLLM_API, **{"LLM.clear_cache": ()}), api) == [
-        "LLM.clear_cache is not recorded (scripts/record_vllm_api.py's RECORDED) or vLLM lacks it"]
-    changed = json.loads(json.dumps(api))
-    changed["classes"]["LLM"]["methods"]["reset_prefix_cache"][1]["has_default"] = False
-    assert api_use_problems(VLLM_API, changed) == ["LLM.reset_prefix_cache needs 'reset_running_requests'"]
-
-
 def test_the_comparison_notices_generate_arguments_moved(api):
     moved = dict(VLLM_API, **{"LLM.generate": {"positional": ("prompts", "use_tqdm"), "keyword": ("lora",)}})
     problems = api_use_problems(moved, api)
@@ -178,9 +162,9 @@ def test_the_backend_passes_and_reads_only_what_it_lists(fake_vllm, tiny_model, 
     assert {"model", *init["kwargs"]} <= set(VLLM_API["LLM"])
     calls = fake_vllm.events("generate")
     assert len(calls) == 3  # the leading newline was continued once
-    # every call starts from an empty prefix cache (a rerun must not depend on what ran before)
-    order = [e["event"] for e in fake_vllm.events() if e["event"] != "init"]
-    assert order == ["reset_prefix_cache", "generate"] * 3
+    # nothing but generate after the engine start (the stand-in has no other method; see _run_vllm
+    # on reset_prefix_cache, which stalled the real engine)
+    assert [e["event"] for e in fake_vllm.events()] == ["init"] + ["generate"] * 3
     passed = {name for call in calls for name in call["given"]}
     assert passed == set(VLLM_API["SamplingParams"])  # sampling, greedy and newline stops use them all
     assert {key for call in calls for prompt in call["prompts"] for key in prompt} == set(VLLM_API["TokensPrompt"])
@@ -208,8 +192,6 @@ def test_the_stand_in_follows_the_description(api, fake_vllm):
     problems = [f"fake LLM takes {k!r}, vLLM does not" for k in sorted(vllm._LLM_ARGS - llm_keywords(api))]
     problems += signature_problems("LLM.__init__", vllm.LLM.__init__, _method(api, "LLM"))
     problems += signature_problems("LLM.generate", vllm.LLM.generate, _method(api, "LLM", "generate"))
-    problems += signature_problems("LLM.reset_prefix_cache", vllm.LLM.reset_prefix_cache,
-                                   _method(api, "LLM", "reset_prefix_cache"))
     problems += signature_problems("RequestOutput.__init__", vllm.RequestOutput.__init__, _method(api, "RequestOutput"))
     assert dataclasses.is_dataclass(vllm.CompletionOutput)
     problems += signature_problems("CompletionOutput", vllm.CompletionOutput.__init__,

@@ -73,12 +73,7 @@ PY
 }
 s1file() { ls "$1"/nq/"$2"_20docs_*.jsonl.gz 2>/dev/null | head -1; }
 
-if [ "$PART" = A ]; then
-  finish Qwen2.5-Coder-0.5B-Instruct.gguf 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 || exit 1
-  finish Qwen2.5-Coder-1.5B-Instruct.gguf cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 || exit 1
-  step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
-  # the 1.5B conversion (87 s of CPU) runs beside the 0.5B GPU work
-  ( "${CONVERT[@]}" "$M/Qwen2.5-Coder-1.5B-Instruct.gguf" "$M15" > "$W/convert15.log" 2>&1; echo "exit $?" >> "$W/convert15.log" ) &
+vllm_05_steps() {  # stage 4 on vLLM and HF, and stage 1 on vLLM three times, for the 0.5B model
   # A1: stage 4 on vLLM, 500 questions x the paper's 5 positions, one engine for all positions
   step s4_vllm_05 240 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend vllm --sample_num 500 \
       --positions "$POS5" --output-path "$W/eval_vllm" --seed 42
@@ -100,12 +95,38 @@ if [ "$PART" = A ]; then
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   step s4_hf_05 170 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend hf --sample_num 500 \
       --positions "$POS5" --batch_size 256 --compact_finished --output-path "$W/eval_hf" --seed 42
-  tail -3 "$W/convert15.log" | tee -a "$LOG"
   for run in raw_vllm raw_vllm_fixed_a raw_vllm_fixed_b; do
     f=$(s1file "$W/$run" Qwen2.5-Coder-0.5B-Instruct); [ -n "$f" ] && answers "$f" "$W/${run}__$(basename "$f" .gz)"
   done
   tar -czf "$OUT/results_A.tgz" -C "$W" $(cd "$W" && ls -d eval_vllm eval_hf raw_vllm*__*.jsonl raw_vllm*/nq/*.summary.json 2>/dev/null)
+  tail -3 "$W/convert15.log" | tee -a "$LOG"
+}
+
+if [ "$PART" = A ]; then
+  finish Qwen2.5-Coder-0.5B-Instruct.gguf 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 || exit 1
+  finish Qwen2.5-Coder-1.5B-Instruct.gguf cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 || exit 1
+  step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
+  # the 1.5B conversion (87 s of CPU) runs beside the 0.5B GPU work
+  ( "${CONVERT[@]}" "$M/Qwen2.5-Coder-1.5B-Instruct.gguf" "$M15" > "$W/convert15.log" 2>&1; echo "exit $?" >> "$W/convert15.log" ) &
+  vllm_05_steps
   note "part A done"
+  exit 0
+fi
+
+if [ "$PART" = A2 ]; then
+  # The first A (2026-12-03) stopped after the engine start in both vLLM steps, with no output: where?
+  # 20 prompts under a stack dump at 70 s; if they do not finish, the reset of the prefix cache (new
+  # in that run) is taken out of this machine's copy for the rest of the call, and the log says so.
+  # (Ran 2026-12-03: the dump came during the fresh machine's engine warm-up, the reset was taken
+  # out, and the rest ran; the reset is no longer in the backend, so the sed now changes nothing.)
+  finish Qwen2.5-Coder-0.5B-Instruct.gguf 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 || exit 1
+  step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
+  step diag 80 python3 -c "import faulthandler, runpy, sys; faulthandler.dump_traceback_later(70); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" \
+      eval_data.py --input-path "$DATA" --model "$M05" --backend vllm --sample_num 20 --positions 0 --output-path "$W/eval_diag" --seed 42 \
+    || { sed -i '/^    llm.reset_prefix_cache()$/d' pos2distill/generation/vllm_backend.py; note "reset_prefix_cache() removed: $(grep -c reset_prefix_cache pos2distill/generation/vllm_backend.py) mentions left"; }
+  rm -rf "$W/eval_vllm" "$W/raw_vllm" "$W/raw_vllm_fixed_a" "$W/raw_vllm_fixed_b"
+  vllm_05_steps
+  note "part A2 done"
   exit 0
 fi
 

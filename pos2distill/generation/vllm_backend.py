@@ -19,7 +19,6 @@ VLLM_API = {
     "imports": ("LLM", "SamplingParams"),
     "LLM": ("model", "tensor_parallel_size", "dtype", "seed", "max_model_len"),  # keyword arguments
     "LLM.generate": {"positional": ("prompts", "sampling_params"), "keyword": ("use_tqdm",)},
-    "LLM.reset_prefix_cache": (),  # its parameters besides self
     "SamplingParams": ("temperature", "top_p", "max_tokens", "seed", "stop", "include_stop_str_in_output"),
     "TokensPrompt": ("prompt_token_ids",),  # the prompt dicts' keys
     "RequestOutput": ("outputs",),
@@ -54,10 +53,8 @@ def _run_vllm(llm, prompt_ids: list[list[int]], requests: list[dict], use_tqdm: 
     # added, doubling the BOS that the chat template already wrote.
     prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
     params = [SamplingParams(**request) for request in requests]
-    # A call must not depend on what the engine ran before: prefix blocks cached by an earlier call
-    # (stage 1's probe) were computed in other batches, with other bf16 rounding, and changed
-    # sampled answers of a same-seed rerun on the H200 (docs/performance.md).
-    llm.reset_prefix_cache()
+    # No llm.reset_prefix_cache() here: on vLLM 0.26.0 (H200, in-process engine) the first generate
+    # after it made no progress for 140 s, twice (docs/performance.md); without it the same steps ran.
     results = llm.generate(prompts, params, use_tqdm=use_tqdm)
     rows = []
     for result in results:

@@ -1,12 +1,12 @@
 """A stand-in for the ``vllm`` package, for tests on machines without GPUs.
 
 It mirrors the documented offline interface that pos2distill uses: ``LLM``,
-``LLM.generate``, ``LLM.reset_prefix_cache``, ``SamplingParams``, ``RequestOutput`` and ``CompletionOutput``.
+``LLM.generate``, ``SamplingParams``, ``RequestOutput`` and ``CompletionOutput``.
 Unknown keyword arguments raise ``TypeError`` as they would with the real one. Its names,
 signatures and defaults are a subset of vLLM 0.26.0's (tests/data/vllm_api_0.26.0.json;
 tests/test_vllm_api.py checks it).
 
-Every ``LLM(...)``, ``LLM.generate(...)`` and ``LLM.reset_prefix_cache()`` call is appended as one JSON line
+Every ``LLM(...)`` and ``LLM.generate(...)`` call is appended as one JSON line
 to ``$FAKE_VLLM_LOG`` (with the process id, ``CUDA_VISIBLE_DEVICES`` and
 ``VLLM_ENABLE_V1_MULTIPROCESSING``), so a
 test can check what reached vLLM, including from spawned worker processes.
@@ -170,7 +170,3 @@ class LLM:
             text = prompt if isinstance(prompt, str) else None
             outputs.append(RequestOutput(str(i), text, ids, None, [_complete(prompt, p, script)], True))
         return outputs
-
-    def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
-        _log({"event": "reset_prefix_cache"})
-        return True
