@@ -42,7 +42,7 @@ if [ ! -f /tmp/site/.installed ] && [ "$PART" = C ] && [ -d .whl ]; then  # C al
   [ -d "$M/small" ] || { mkdir -p "$M" && cp -r .carry/small "$M/small"; }
 fi
 if [ ! -f /tmp/site/.installed ]; then
-  finish vllm-wheels.tar 217cc46bcb0b048211ee45736ddf882e06f6b27a0d07bbab7bb56055ff793c6a || exit 1
+  finish vllm-wheels.tar cec48bc1ba43c4d7ab89e94482b28ad99128233c8b30c0cbae78d6f71e2e6035 || exit 1
   mkdir -p /root/wh && tar -xf "$M/vllm-wheels.tar" -C /root/wh
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /root/wh/wheels/*.whl \
     || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
@@ -169,6 +169,73 @@ if [ "$PART" = C ]; then
   SAVED=$(ls -d $W/save7b/*/ 2>/dev/null | head -1)
   [ -n "$SAVED" ] && cp "$SAVED/save_check.json" "$OUT/save_check_7b.json" 2>/dev/null
   note "part C done"
+  exit 0
+fi
+# ------------------------------------------------------------------ 2026-12-04: what A2 and B left, in two calls
+# P1: the 0.5B model's same-seed rerun of stage 1 (two runs of one flow), stage 4 on the HF backend on the
+# prompts of A2's vLLM run, the plain baseline; the 1.5B conversion and the 7B shape's build run on the
+# CPU meanwhile (the measured HF steps wait for them).
+if [ "$PART" = P1 ]; then
+  finish Qwen2.5-Coder-0.5B-Instruct.gguf 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 || exit 1
+  finish Qwen2.5-Coder-1.5B-Instruct.gguf cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 || exit 1
+  ( "${CONVERT[@]}" "$M/Qwen2.5-Coder-1.5B-Instruct.gguf" "$M15" > "$W/convert15.log" 2>&1; echo "exit $?" >> "$W/convert15.log" ) &
+  BG1=$!
+  ( nice -n 10 python3 -m pos2distill.model_shapes --shape qwen2.5-7b --out "$W/qwen2.5-7b" --dtype bfloat16 \
+      --tokenizer "$M/small/qwen_tokenizer" --device cpu > "$W/build7b.log" 2>&1; echo "exit $?" >> "$W/build7b.log" ) &
+  BG2=$!
+  step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
+  for run in fixed_a fixed_b; do
+    step s1_vllm_05_$run 200 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=0 \
+        bash gen_advantageous_pos_for_R1.sh --limit 1200 --output-path "$W/raw_vllm_$run"
+  done
+  FA=$(s1file "$W/raw_vllm_fixed_a" Qwen2.5-Coder-0.5B-Instruct); FB=$(s1file "$W/raw_vllm_fixed_b" Qwen2.5-Coder-0.5B-Instruct)
+  note "content sha256: fixed_a $(content_sha "$FA"), fixed_b $(content_sha "$FB")"
+  note "fixed_a vs fixed_b:"; differ "$FA" "$FB"
+  wait "$BG1" "$BG2"; tail -2 "$W/convert15.log" "$W/build7b.log" | tee -a "$LOG"
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  step s4_hf_05 200 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend hf --sample_num 500 \
+      --positions "$POS5" --batch_size 256 --compact_finished --output-path "$W/eval_hf" --seed 42
+  step baseline_05 100 python3 benchmarks/bench_eval.py --data "$DATA" --model "$M05" --total_doc 20 --sample_num 100 \
+      --positions "$POS5" --baseline_only --baseline_batch_size 64 --dtype auto --output "$W/bench_eval_baseline.json"
+  for run in raw_vllm_fixed_a raw_vllm_fixed_b; do
+    f=$(s1file "$W/$run" Qwen2.5-Coder-0.5B-Instruct); [ -n "$f" ] && answers "$f" "$W/${run}__$(basename "$f" .gz)"
+  done
+  tar -czf "$OUT/results_P1.tgz" -C "$W" $(cd "$W" && ls -d eval_hf bench_eval_baseline.json raw_vllm*__*.jsonl raw_vllm*/nq/*.summary.json 2>/dev/null)
+  note "part P1 done"
+  exit 0
+fi
+
+# P2 (right after P1, same machine): train_nq.sh at the 7B shape with the bit-for-bit save check (issue 20),
+# then stage 1 on vLLM for the 1.5B model with the probe, then stage 1 on HF for both models (accuracy).
+if [ "$PART" = P2 ]; then
+  TOK=$M/small/qwen_tokenizer MODEL=$W/qwen2.5-7b
+  if [ ! -f "$MODEL/config.json" ]; then
+    rm -rf "$MODEL"
+    step build_qwen7b 120 python3 -m pos2distill.model_shapes --shape qwen2.5-7b --out "$MODEL" --dtype bfloat16 \
+        --tokenizer "$TOK" --device cuda
+  fi
+  step train7b 280 env MODEL="$MODEL" MODEL_NAME=shape7b DATA_ROOT=$M/small/pairs NUM=64 TRAIN_BATCH=8 MICRO_BATCH=4 \
+      MAX_LEN=8192 SAVE_PATH=$W/save7b CKPT_PATH=$W/ckpt7b TENSORBOARD=$W/tb NUM_GPUS=1 \
+      bash train_nq.sh --max_samples 24 --check_saved_logits
+  SAVED=$(ls -d $W/save7b/*/ 2>/dev/null | head -1)
+  [ -n "$SAVED" ] && cp "$SAVED/save_check.json" "$OUT/save_check_7b.json" 2>/dev/null
+  rm -rf "$W/save7b" "$W/ckpt7b"
+  step s1_vllm_15_auto 230 env MODEL="$M15" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=auto bash gen_advantageous_pos_for_R1.sh \
+      --limit 1200 --output-path "$W/raw_vllm"
+  F1=$(s1file "$W/raw_vllm" Qwen2.5-Coder-1.5B-Instruct); P15=$(echo "$F1" | sed -E 's/.*_20docs_([0-9]+)\.jsonl\.gz/\1/')
+  note "1.5B probe chose position ${P15:-?}"
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  step s1_hf_15 200 env MODEL="$M15" INPUT_PATH="$DATA" BACKEND=hf GOLD_DOC="${P15:-0}" bash gen_advantageous_pos_for_R1.sh \
+      --limit 1200 --batch_size 128 --output-path "$W/raw_hf" &
+  S1=$!
+  step s1_hf_05 200 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=hf GOLD_DOC=0 bash gen_advantageous_pos_for_R1.sh \
+      --limit 1200 --batch_size 128 --output-path "$W/raw_hf"
+  wait "$S1"
+  for f in "$F1" $(ls "$W"/raw_hf/nq/*.jsonl.gz 2>/dev/null); do
+    [ -n "$f" ] && answers "$f" "$W/$(basename "$(dirname "$(dirname "$f")")")__$(basename "$f" .gz)"
+  done
+  tar -czf "$OUT/results_P2.tgz" -C "$W" $(cd "$W" && ls -d raw_*__*.jsonl raw_vllm/nq/*.summary.json raw_hf/nq/*.summary.json 2>/dev/null)
+  note "part P2 done"
   exit 0
 fi
 echo "unknown part $PART" >&2; exit 2
