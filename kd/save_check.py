@@ -40,7 +40,18 @@ def engine_logits(engine, ids: torch.Tensor, device, packed: bool) -> torch.Tens
     with torch.no_grad():
         logits = response_logits(engine, ids, torch.ones_like(ids), ids.shape[1] - 1, packed)
     engine.train(was_training)
+    release_gathered(engine)
     return logits.float().cpu()
+
+
+def release_gathered(engine) -> None:
+    """Return every ZeRO-3 parameter to its partition, waiting for any still being fetched. An
+    eval forward outside the training step leaves parameters gathered, and on a GPU some still
+    in flight (prefetched); gathering one of those again failed at the 7B shape ("Cannot
+    partition a param in flight"). A no-op without ZeRO-3."""
+    release = getattr(engine, "empty_partition_cache", None)
+    if release is not None and getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        release()
 
 
 def compare(trained: torch.Tensor, reloaded: torch.Tensor, trained_dtype: torch.dtype) -> dict:

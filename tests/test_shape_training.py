@@ -85,3 +85,44 @@ def test_checkpointing_uses_the_name_the_installed_transformers_has():
     enable_checkpointing(old, False)
     enable_checkpointing(new, True)
     assert old.called == ("old", {"use_reentrant": False}) and new.called == ("new", {"use_reentrant": True})
+
+
+ZERO3_PROBE = r"""
+import os, sys, torch, deepspeed
+from kd.losses import response_logits
+from kd.save_check import engine_logits
+from pos2distill.model_shapes import build_model, shape_config
+deepspeed.init_distributed("gloo")
+model = build_model(shape_config("tiny-qwen2", vocab_size=256), device="cpu", dtype=torch.float32, seed=0)
+config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+for _ in range(2):
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+def held():
+    return sum(p.ds_status.name != "NOT_AVAILABLE" for p in engine.module.parameters())
+engine.eval()
+with torch.no_grad():
+    response_logits(engine, ids, torch.ones_like(ids), 8)  # a bare eval forward
+print("bare", held())
+engine.empty_partition_cache()
+engine_logits(engine, ids, "cpu", packed=False)
+print("check", held())
+"""
+
+
+def test_the_probe_forward_leaves_no_zero3_parameter_gathered(tmp_path):
+    # At the 7B shape on the H200 the weight comparison after the probe forward failed with
+    # "Cannot partition a param in flight": that forward had left parameters gathered or being
+    # prefetched. On CPU nothing is in flight, but the same forward leaves parameters gathered;
+    # engine_logits must hand every one back before compare_weights gathers them one at a time.
+    env = dict(os.environ, PYTHONPATH=ROOT, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(29500 + os.getpid() % 400), CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-c", ZERO3_PROBE], env=env, cwd=str(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    counts = dict(line.split() for line in done.stdout.splitlines() if line.startswith(("bare", "check")))
+    assert int(counts["bare"]) > 0, "a bare eval forward no longer leaves parameters gathered: the test shows nothing"
+    assert int(counts["check"]) == 0

@@ -158,8 +158,9 @@ if [ "$PART" = B ]; then
 fi
 
 if [ "$PART" = C ]; then
-  TOK=$M/small/qwen_tokenizer MODEL=$W/qwen2.5-7b
-  [ -f "$MODEL/config.json" ] || step build_qwen7b 200 python3 -m pos2distill.model_shapes --shape qwen2.5-7b --out "$MODEL" \
+  SHAPE=${SHAPE:-qwen2.5-7b}  # 2026-12-04: SHAPE=qwen2.5-3b, the shape that fitted the session's last 313 s
+  TOK=$M/small/qwen_tokenizer MODEL=$W/$SHAPE
+  [ -f "$MODEL/config.json" ] || step build_$SHAPE 200 python3 -m pos2distill.model_shapes --shape "$SHAPE" --out "$MODEL" \
       --dtype bfloat16 --tokenizer "$TOK" --device cuda
   # train_nq.sh at 7B: 3 optimizer steps, the HF folder saved, then --check_saved_logits, which now
   # also compares every saved tensor with the engine's gathered parameter bit for bit
@@ -167,7 +168,7 @@ if [ "$PART" = C ]; then
       MAX_LEN=8192 SAVE_PATH=$W/save7b CKPT_PATH=$W/ckpt7b TENSORBOARD=$W/tb NUM_GPUS=1 \
       bash train_nq.sh --max_samples 24 --check_saved_logits
   SAVED=$(ls -d $W/save7b/*/ 2>/dev/null | head -1)
-  [ -n "$SAVED" ] && cp "$SAVED/save_check.json" "$OUT/save_check_7b.json" 2>/dev/null
+  [ -n "$SAVED" ] && cp "$SAVED/save_check.json" "$OUT/save_check_$SHAPE.json" 2>/dev/null
   note "part C done"
   exit 0
 fi
@@ -218,7 +219,7 @@ if [ "$PART" = P2 ]; then
       MAX_LEN=8192 SAVE_PATH=$W/save7b CKPT_PATH=$W/ckpt7b TENSORBOARD=$W/tb NUM_GPUS=1 \
       bash train_nq.sh --max_samples 24 --check_saved_logits
   SAVED=$(ls -d $W/save7b/*/ 2>/dev/null | head -1)
-  [ -n "$SAVED" ] && cp "$SAVED/save_check.json" "$OUT/save_check_7b.json" 2>/dev/null
+  [ -n "$SAVED" ] && cp "$SAVED/save_check.json" "$OUT/save_check_$SHAPE.json" 2>/dev/null
   rm -rf "$W/save7b" "$W/ckpt7b"
   step s1_vllm_15_auto 230 env MODEL="$M15" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=auto bash gen_advantageous_pos_for_R1.sh \
       --limit 1200 --output-path "$W/raw_vllm"
@@ -236,6 +237,29 @@ if [ "$PART" = P2 ]; then
   done
   tar -czf "$OUT/results_P2.tgz" -C "$W" $(cd "$W" && ls -d raw_*__*.jsonl raw_vllm/nq/*.summary.json raw_hf/nq/*.summary.json 2>/dev/null)
   note "part P2 done"
+  exit 0
+fi
+# P3: the same-seed rerun P1 ran out of time for (nothing else on the machine: CPU jobs beside a vLLM
+# engine start stalled it in A and P1), then stage 4 on HF on A2's prompts. After the chunk calls of P1.
+if [ "$PART" = P3 ]; then
+  finish Qwen2.5-Coder-0.5B-Instruct.gguf 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 || exit 1
+  step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
+  rm -rf "$W/raw_vllm_fixed_a" "$W/raw_vllm_fixed_b"
+  for run in fixed_a fixed_b; do
+    step s1_vllm_05_$run 110 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=0 \
+        bash gen_advantageous_pos_for_R1.sh --limit 1200 --output-path "$W/raw_vllm_$run"
+  done
+  FA=$(s1file "$W/raw_vllm_fixed_a" Qwen2.5-Coder-0.5B-Instruct); FB=$(s1file "$W/raw_vllm_fixed_b" Qwen2.5-Coder-0.5B-Instruct)
+  note "content sha256: fixed_a $(content_sha "$FA"), fixed_b $(content_sha "$FB")"
+  note "fixed_a vs fixed_b:"; differ "$FA" "$FB"
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  step s4_hf_05 300 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend hf --sample_num 500 \
+      --positions "$POS5" --batch_size 256 --compact_finished --output-path "$W/eval_hf" --seed 42
+  for run in raw_vllm_fixed_a raw_vllm_fixed_b; do
+    f=$(s1file "$W/$run" Qwen2.5-Coder-0.5B-Instruct); [ -n "$f" ] && answers "$f" "$W/${run}__$(basename "$f" .gz)"
+  done
+  tar -czf "$OUT/results_P3.tgz" -C "$W" $(cd "$W" && ls -d eval_hf raw_vllm_fixed*__*.jsonl raw_vllm_fixed*/nq/*.summary.json 2>/dev/null)
+  note "part P3 done"
   exit 0
 fi
 echo "unknown part $PART" >&2; exit 2
