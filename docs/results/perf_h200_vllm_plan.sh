@@ -11,6 +11,9 @@
 #                                       baseline's speed; stage 1 on HF for both models
 #   run(timeout_s=600, command="bash docs/results/perf_h200_vllm_plan.sh C")   train_nq.sh at the 7B shape
 #     (C alone on a fresh machine: carry=[".whl", ".carry/small"], .whl from ../shared/tools/device-wheels.sh)
+# Next session (2026-12-04's lessons): the chunk calls (12 wheel, 9 + 19 model, data and small/ with the last
+# wheel chunk), then in the SAME block run(timeout_s=600) "BUDGET_S=560 bash docs/results/perf_h200_vllm_plan.sh N1"
+# and "... N2" (~260 s of chunk calls + ~90 s start + 2 x 560 s: ~1,470 of the 1,800 s).
 # Results come back as a few tarballs and logs under $OUT (at most 8 files).
 PART=${1:-A}
 set -o pipefail
@@ -260,6 +263,67 @@ if [ "$PART" = P3 ]; then
   done
   tar -czf "$OUT/results_P3.tgz" -C "$W" $(cd "$W" && ls -d eval_hf raw_vllm_fixed*__*.jsonl raw_vllm_fixed*/nq/*.summary.json 2>/dev/null)
   note "part P3 done"
+  exit 0
+fi
+# ------------------------------------------------------------------ next session: N1, N2 (after the chunk calls)
+# Lessons of 2026-12-04: nothing CPU-heavy beside a vLLM engine start; each HF job alone on the GPU.
+# The caches the first engine start fills (Triton, FlashInfer, torch.compile: ~100 s on a fresh machine)
+# come back as $OUT/cache_*.tgz; carried in as .carry/vcache/ (a chunk call: `tar -xzf` into /root).
+save_caches() {  # each cache folder that compresses under 15 MiB, as $OUT/cache_NAME.tgz
+  for d in .triton/cache .cache/flashinfer .cache/vllm; do
+    [ -d "/root/$d" ] || continue
+    local name=cache_$(echo "$d" | tr -c 'a-z\n' '_' | sed 's/^_*//').tgz
+    timeout 20 tar -czf "/tmp/$name" -C /root "$d" 2>/dev/null || { note "cache /root/$d: not saved (tar took over 20 s)"; continue; }
+    local size=$(stat -c%s "/tmp/$name")
+    note "cache /root/$d: $(du -sh "/root/$d" | cut -f1), compressed $size bytes"
+    [ "$size" -lt 15728640 ] && mv "/tmp/$name" "$OUT/"
+  done
+}
+if [ "$PART" = N1 ]; then  # 0.5B: stage 1 twice with one seed (same file?), then stage 4 on HF on A2's prompts
+  for f in .carry/vcache/*.tgz; do [ -f "$f" ] && tar -xzf "$f" -C /root && note "cache restored: $f"; done
+  finish Qwen2.5-Coder-0.5B-Instruct.gguf 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 || exit 1
+  finish Qwen2.5-Coder-1.5B-Instruct.gguf cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 || exit 1
+  ( "${CONVERT[@]}" "$M/Qwen2.5-Coder-1.5B-Instruct.gguf" "$M15" > "$W/convert15.log" 2>&1; echo "exit $?" >> "$W/convert15.log" ) &
+  step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
+  wait; tail -1 "$W/convert15.log" | tee -a "$LOG"  # the CPU is free before any engine starts
+  for run in fixed_a fixed_b; do
+    step s1_vllm_05_$run 170 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=0 \
+        bash gen_advantageous_pos_for_R1.sh --limit 1200 --output-path "$W/raw_vllm_$run"
+  done
+  FA=$(s1file "$W/raw_vllm_fixed_a" Qwen2.5-Coder-0.5B-Instruct); FB=$(s1file "$W/raw_vllm_fixed_b" Qwen2.5-Coder-0.5B-Instruct)
+  note "content sha256: fixed_a $(content_sha "$FA"), fixed_b $(content_sha "$FB")"
+  note "fixed_a vs fixed_b:"; differ "$FA" "$FB"
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  step s4_hf_05 200 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend hf --sample_num 500 \
+      --positions "$POS5" --batch_size 256 --compact_finished --output-path "$W/eval_hf" --seed 42
+  for run in raw_vllm_fixed_a raw_vllm_fixed_b; do
+    f=$(s1file "$W/$run" Qwen2.5-Coder-0.5B-Instruct); [ -n "$f" ] && answers "$f" "$W/${run}__$(basename "$f" .gz)"
+  done
+  tar -czf "$OUT/results_N1.tgz" -C "$W" $(cd "$W" && ls -d eval_hf raw_vllm_fixed*__*.jsonl raw_vllm_fixed*/nq/*.summary.json 2>/dev/null)
+  save_caches
+  note "part N1 done"
+  exit 0
+fi
+if [ "$PART" = N2 ]; then  # right after N1: the 7B save check, the plain baseline, stage 1 on HF (600 each)
+  TOK=$M/small/qwen_tokenizer MODEL=$W/qwen2.5-7b
+  [ -f "$MODEL/config.json" ] || step build_qwen7b 90 python3 -m pos2distill.model_shapes --shape qwen2.5-7b --out "$MODEL" \
+      --dtype bfloat16 --tokenizer "$TOK" --device cuda
+  step train7b 250 env MODEL="$MODEL" MODEL_NAME=shape7b DATA_ROOT=$M/small/pairs NUM=64 TRAIN_BATCH=8 MICRO_BATCH=4 \
+      MAX_LEN=8192 SAVE_PATH=$W/save7b CKPT_PATH=$W/ckpt7b TENSORBOARD=$W/tb NUM_GPUS=1 \
+      bash train_nq.sh --max_samples 24 --check_saved_logits
+  SAVED=$(ls -d $W/save7b/*/ 2>/dev/null | head -1)
+  [ -n "$SAVED" ] && cp "$SAVED/save_check.json" "$OUT/save_check_qwen2.5-7b.json" 2>/dev/null
+  rm -rf "$W/save7b" "$W/ckpt7b" "$MODEL"
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  step baseline_05 90 python3 benchmarks/bench_eval.py --data "$DATA" --model "$M05" --total_doc 20 --sample_num 100 \
+      --positions "$POS5" --baseline_only --baseline_batch_size 64 --dtype auto --output "$W/bench_eval_baseline.json"
+  for m in "$M05" "$M15"; do  # one at a time: their speed is measured too
+    step s1_hf_$(basename "$m" | cut -c15-18) 120 env MODEL="$m" INPUT_PATH="$DATA" BACKEND=hf GOLD_DOC=0 \
+        bash gen_advantageous_pos_for_R1.sh --limit 600 --batch_size 128 --output-path "$W/raw_hf"
+  done
+  for f in $(ls "$W"/raw_hf/nq/*.jsonl.gz 2>/dev/null); do answers "$f" "$W/raw_hf__$(basename "$f" .gz)"; done
+  tar -czf "$OUT/results_N2.tgz" -C "$W" $(cd "$W" && ls -d bench_eval_baseline.json raw_hf__*.jsonl raw_hf/nq/*.summary.json 2>/dev/null)
+  note "part N2 done"
   exit 0
 fi
 echo "unknown part $PART" >&2; exit 2
