@@ -76,6 +76,25 @@ PY
 }
 s1file() { ls "$1"/nq/"$2"_20docs_*.jsonl.gz 2>/dev/null | head -1; }
 
+same_seed_pair() {  # same_seed_pair POSITION LIMIT: 0.5B stage 1 on vLLM twice with one seed; same file?
+  for run in fixed_a fixed_b; do
+    step s1_vllm_05_$run "$2" env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC="$1" \
+        bash gen_advantageous_pos_for_R1.sh --limit 1200 --output-path "$W/raw_vllm_$run"
+  done
+  FA=$(s1file "$W/raw_vllm_fixed_a" Qwen2.5-Coder-0.5B-Instruct); FB=$(s1file "$W/raw_vllm_fixed_b" Qwen2.5-Coder-0.5B-Instruct)
+  note "content sha256: fixed_a $(content_sha "$FA"), fixed_b $(content_sha "$FB")"
+  note "fixed_a vs fixed_b:"; differ "$FA" "$FB"
+}
+s4_hf_05() {  # s4_hf_05 LIMIT: stage 4 on our HF backend at its best bf16 settings, the prompts of s4_vllm_05
+  step s4_hf_05 "$1" python3 eval_data.py --input-path "$DATA" --model "$M05" --backend hf --sample_num 500 \
+      --positions "$POS5" --batch_size 256 --compact_finished --output-path "$W/eval_hf" --seed 42
+}
+fixed_answers() {  # fixed_answers RUN...: each run's 0.5B stage-1 answers, without documents, as $W/RUN__FILE.jsonl
+  for run in "$@"; do
+    f=$(s1file "$W/$run" Qwen2.5-Coder-0.5B-Instruct); [ -n "$f" ] && answers "$f" "$W/${run}__$(basename "$f" .gz)"
+  done
+}
+
 vllm_05_steps() {  # stage 4 on vLLM and HF, and stage 1 on vLLM three times, for the 0.5B model
   # A1: stage 4 on vLLM, 500 questions x the paper's 5 positions, one engine for all positions
   step s4_vllm_05 240 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend vllm --sample_num 500 \
@@ -86,21 +105,12 @@ vllm_05_steps() {  # stage 4 on vLLM and HF, and stage 1 on vLLM three times, fo
       --limit 1200 --output-path "$W/raw_vllm"
   F0=$(s1file "$W/raw_vllm" Qwen2.5-Coder-0.5B-Instruct); P05=$(echo "$F0" | sed -E 's/.*_20docs_([0-9]+)\.jsonl\.gz/\1/')
   note "0.5B probe chose position ${P05:-?}"
-  for run in fixed_a fixed_b; do
-    step s1_vllm_05_$run 90 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC="${P05:-0}" \
-        bash gen_advantageous_pos_for_R1.sh --limit 1200 --output-path "$W/raw_vllm_$run"
-  done
-  FA=$(s1file "$W/raw_vllm_fixed_a" Qwen2.5-Coder-0.5B-Instruct); FB=$(s1file "$W/raw_vllm_fixed_b" Qwen2.5-Coder-0.5B-Instruct)
-  note "content sha256: auto $(content_sha "$F0"), fixed_a $(content_sha "$FA"), fixed_b $(content_sha "$FB")"
-  note "auto vs fixed_a:"; differ "$F0" "$FA"
-  note "fixed_a vs fixed_b:"; differ "$FA" "$FB"
+  same_seed_pair "${P05:-0}" 90
+  note "content sha256: auto $(content_sha "$F0")"; note "auto vs fixed_a:"; differ "$F0" "$FA"
   # A3: stage 4 on our HF backend at its best bf16 settings (docs/performance.md), the same prompts as A1
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  step s4_hf_05 170 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend hf --sample_num 500 \
-      --positions "$POS5" --batch_size 256 --compact_finished --output-path "$W/eval_hf" --seed 42
-  for run in raw_vllm raw_vllm_fixed_a raw_vllm_fixed_b; do
-    f=$(s1file "$W/$run" Qwen2.5-Coder-0.5B-Instruct); [ -n "$f" ] && answers "$f" "$W/${run}__$(basename "$f" .gz)"
-  done
+  s4_hf_05 170
+  fixed_answers raw_vllm raw_vllm_fixed_a raw_vllm_fixed_b
   tar -czf "$OUT/results_A.tgz" -C "$W" $(cd "$W" && ls -d eval_vllm eval_hf raw_vllm*__*.jsonl raw_vllm*/nq/*.summary.json 2>/dev/null)
   tail -3 "$W/convert15.log" | tee -a "$LOG"
 }
@@ -188,22 +198,13 @@ if [ "$PART" = P1 ]; then
       --tokenizer "$M/small/qwen_tokenizer" --device cpu > "$W/build7b.log" 2>&1; echo "exit $?" >> "$W/build7b.log" ) &
   BG2=$!
   step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
-  for run in fixed_a fixed_b; do
-    step s1_vllm_05_$run 200 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=0 \
-        bash gen_advantageous_pos_for_R1.sh --limit 1200 --output-path "$W/raw_vllm_$run"
-  done
-  FA=$(s1file "$W/raw_vllm_fixed_a" Qwen2.5-Coder-0.5B-Instruct); FB=$(s1file "$W/raw_vllm_fixed_b" Qwen2.5-Coder-0.5B-Instruct)
-  note "content sha256: fixed_a $(content_sha "$FA"), fixed_b $(content_sha "$FB")"
-  note "fixed_a vs fixed_b:"; differ "$FA" "$FB"
+  same_seed_pair 0 200
   wait "$BG1" "$BG2"; tail -2 "$W/convert15.log" "$W/build7b.log" | tee -a "$LOG"
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  step s4_hf_05 200 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend hf --sample_num 500 \
-      --positions "$POS5" --batch_size 256 --compact_finished --output-path "$W/eval_hf" --seed 42
+  s4_hf_05 200
   step baseline_05 100 python3 benchmarks/bench_eval.py --data "$DATA" --model "$M05" --total_doc 20 --sample_num 100 \
       --positions "$POS5" --baseline_only --baseline_batch_size 64 --dtype auto --output "$W/bench_eval_baseline.json"
-  for run in raw_vllm_fixed_a raw_vllm_fixed_b; do
-    f=$(s1file "$W/$run" Qwen2.5-Coder-0.5B-Instruct); [ -n "$f" ] && answers "$f" "$W/${run}__$(basename "$f" .gz)"
-  done
+  fixed_answers raw_vllm_fixed_a raw_vllm_fixed_b
   tar -czf "$OUT/results_P1.tgz" -C "$W" $(cd "$W" && ls -d eval_hf bench_eval_baseline.json raw_vllm*__*.jsonl raw_vllm*/nq/*.summary.json 2>/dev/null)
   note "part P1 done"
   exit 0
@@ -248,19 +249,10 @@ if [ "$PART" = P3 ]; then
   finish Qwen2.5-Coder-0.5B-Instruct.gguf 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 || exit 1
   step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
   rm -rf "$W/raw_vllm_fixed_a" "$W/raw_vllm_fixed_b"
-  for run in fixed_a fixed_b; do
-    step s1_vllm_05_$run 110 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=0 \
-        bash gen_advantageous_pos_for_R1.sh --limit 1200 --output-path "$W/raw_vllm_$run"
-  done
-  FA=$(s1file "$W/raw_vllm_fixed_a" Qwen2.5-Coder-0.5B-Instruct); FB=$(s1file "$W/raw_vllm_fixed_b" Qwen2.5-Coder-0.5B-Instruct)
-  note "content sha256: fixed_a $(content_sha "$FA"), fixed_b $(content_sha "$FB")"
-  note "fixed_a vs fixed_b:"; differ "$FA" "$FB"
+  same_seed_pair 0 110
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  step s4_hf_05 300 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend hf --sample_num 500 \
-      --positions "$POS5" --batch_size 256 --compact_finished --output-path "$W/eval_hf" --seed 42
-  for run in raw_vllm_fixed_a raw_vllm_fixed_b; do
-    f=$(s1file "$W/$run" Qwen2.5-Coder-0.5B-Instruct); [ -n "$f" ] && answers "$f" "$W/${run}__$(basename "$f" .gz)"
-  done
+  s4_hf_05 300
+  fixed_answers raw_vllm_fixed_a raw_vllm_fixed_b
   tar -czf "$OUT/results_P3.tgz" -C "$W" $(cd "$W" && ls -d eval_hf raw_vllm_fixed*__*.jsonl raw_vllm_fixed*/nq/*.summary.json 2>/dev/null)
   note "part P3 done"
   exit 0
@@ -286,19 +278,10 @@ if [ "$PART" = N1 ]; then  # 0.5B: stage 1 twice with one seed (same file?), the
   ( "${CONVERT[@]}" "$M/Qwen2.5-Coder-1.5B-Instruct.gguf" "$M15" > "$W/convert15.log" 2>&1; echo "exit $?" >> "$W/convert15.log" ) &
   step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
   wait; tail -1 "$W/convert15.log" | tee -a "$LOG"  # the CPU is free before any engine starts
-  for run in fixed_a fixed_b; do
-    step s1_vllm_05_$run 170 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=0 \
-        bash gen_advantageous_pos_for_R1.sh --limit 1200 --output-path "$W/raw_vllm_$run"
-  done
-  FA=$(s1file "$W/raw_vllm_fixed_a" Qwen2.5-Coder-0.5B-Instruct); FB=$(s1file "$W/raw_vllm_fixed_b" Qwen2.5-Coder-0.5B-Instruct)
-  note "content sha256: fixed_a $(content_sha "$FA"), fixed_b $(content_sha "$FB")"
-  note "fixed_a vs fixed_b:"; differ "$FA" "$FB"
+  same_seed_pair 0 170
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  step s4_hf_05 200 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend hf --sample_num 500 \
-      --positions "$POS5" --batch_size 256 --compact_finished --output-path "$W/eval_hf" --seed 42
-  for run in raw_vllm_fixed_a raw_vllm_fixed_b; do
-    f=$(s1file "$W/$run" Qwen2.5-Coder-0.5B-Instruct); [ -n "$f" ] && answers "$f" "$W/${run}__$(basename "$f" .gz)"
-  done
+  s4_hf_05 200
+  fixed_answers raw_vllm_fixed_a raw_vllm_fixed_b
   tar -czf "$OUT/results_N1.tgz" -C "$W" $(cd "$W" && ls -d eval_hf raw_vllm_fixed*__*.jsonl raw_vllm_fixed*/nq/*.summary.json 2>/dev/null)
   save_caches
   note "part N1 done"
