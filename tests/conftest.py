@@ -6,6 +6,15 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_VLLM = os.path.join(ROOT, "tests", "fake_vllm")
+# prompts of several lengths and kinds, shared by the generation tests
+MESSAGES = [
+    "hi",
+    "What is the capital of France? Answer in one word.",
+    "x " * 40,
+    "one two three",
+    "Who wrote Hamlet, and in which year was it first performed?",
+    "Name a river.",
+]
 for path in (ROOT, os.path.join(ROOT, "tests")):
     if path not in sys.path:
         sys.path.insert(0, path)
