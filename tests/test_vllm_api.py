@@ -163,7 +163,7 @@ def test_the_backend_passes_and_reads_only_what_it_lists(fake_vllm, tiny_model, 
     calls = fake_vllm.events("generate")
     assert len(calls) == 3  # the leading newline was continued once
     # nothing but generate after the engine start (the stand-in has no other method; see _run_vllm
-    # on reset_prefix_cache, which stalled the real engine)
+    # on reset_prefix_cache)
     assert [e["event"] for e in fake_vllm.events()] == ["init"] + ["generate"] * 3
     passed = {name for call in calls for name in call["given"]}
     assert passed == set(VLLM_API["SamplingParams"])  # sampling, greedy and newline stops use them all

@@ -53,8 +53,9 @@ def _run_vllm(llm, prompt_ids: list[list[int]], requests: list[dict], use_tqdm: 
     # added, doubling the BOS that the chat template already wrote.
     prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
     params = [SamplingParams(**request) for request in requests]
-    # No llm.reset_prefix_cache() here: on vLLM 0.26.0 (H200, in-process engine) the first generate
-    # after it made no progress for 140 s, twice (docs/performance.md); without it the same steps ran.
+    # No llm.reset_prefix_cache() here (it would keep the probe's cached prefixes out of stage 1):
+    # the one H200 run with it stalled, but so did a later run without it, both beside CPU-heavy
+    # jobs (docs/performance.md); it stays out until a clean run measures it.
     results = llm.generate(prompts, params, use_tqdm=use_tqdm)
     rows = []
     for result in results:
