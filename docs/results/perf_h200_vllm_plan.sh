@@ -278,7 +278,7 @@ if [ "$PART" = N1 ]; then  # 0.5B: stage 1 twice with one seed (same file?), the
   ( "${CONVERT[@]}" "$M/Qwen2.5-Coder-1.5B-Instruct.gguf" "$M15" > "$W/convert15.log" 2>&1; echo "exit $?" >> "$W/convert15.log" ) &
   step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
   wait; tail -1 "$W/convert15.log" | tee -a "$LOG"  # the CPU is free before any engine starts
-  same_seed_pair 0 170
+  same_seed_pair 0 200
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   s4_hf_05 200
   fixed_answers raw_vllm_fixed_a raw_vllm_fixed_b
