@@ -13,7 +13,8 @@
 #     (C alone on a fresh machine: carry=[".whl", ".carry/small"], .whl from ../shared/tools/device-wheels.sh)
 # Next session (2026-12-04's lessons): the chunk calls (12 wheel, 9 + 19 model, data and small/ with the last
 # wheel chunk), then in the SAME block run(timeout_s=600) "BUDGET_S=560 bash docs/results/perf_h200_vllm_plan.sh N1"
-# and "... N2" (~260 s of chunk calls + ~90 s start + 2 x 560 s: ~1,470 of the 1,800 s).
+# and "... N2" (~260 s of chunk calls + ~90 s start + 2 x 560 s: ~1,470 of the 1,800 s), then, with what is
+# left, run(timeout_s=LEFT-20) "BUDGET_S=LEFT-40 bash docs/results/perf_h200_vllm_plan.sh N3".
 # Results come back as a few tarballs and logs under $OUT (at most 8 files).
 PART=${1:-A}
 set -o pipefail
@@ -307,6 +308,16 @@ if [ "$PART" = N2 ]; then  # right after N1: the 7B save check, the plain baseli
   for f in $(ls "$W"/raw_hf/nq/*.jsonl.gz 2>/dev/null); do answers "$f" "$W/raw_hf__$(basename "$f" .gz)"; done
   tar -czf "$OUT/results_N2.tgz" -C "$W" $(cd "$W" && ls -d bench_eval_baseline.json raw_hf__*.jsonl raw_hf/nq/*.summary.json 2>/dev/null)
   note "part N2 done"
+  exit 0
+fi
+if [ "$PART" = N3 ]; then  # if ~250 s are left after N2: issue 16's second, disjoint probe sample for both models
+  # (held-out examples 1554..1853; the first sample, 1854..2153, kept position 0 for both, A2 and P2)
+  for m in "$M05" "$M15"; do
+    step probe2_$(basename "$m" | cut -c15-18) 120 env MODEL="$m" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=auto \
+        bash gen_advantageous_pos_for_R1.sh --limit 8 --eval_holdout 800 --output-path "$W/probe2"
+  done
+  tar -czf "$OUT/results_N3.tgz" -C "$W" $(cd "$W" && ls -d probe2/nq/*.summary.json 2>/dev/null)
+  note "part N3 done"
   exit 0
 fi
 echo "unknown part $PART" >&2; exit 2
