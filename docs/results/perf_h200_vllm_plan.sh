@@ -11,7 +11,7 @@
 #                                       baseline's speed; stage 1 on HF for both models
 #   run(timeout_s=600, command="bash docs/results/perf_h200_vllm_plan.sh C")   train_nq.sh at the 7B shape
 #     (C alone on a fresh machine: carry=[".whl", ".carry/small"], .whl from ../shared/tools/device-wheels.sh)
-# Next session (2026-12-04's lessons): the chunk calls (12 wheel, 9 + 19 model, data and small/ with the last
+# Next session (2026-12-04's lessons): `bash docs/results/perf_h200_carry_prep.sh` builds .carry (~2 min); the chunk calls (12 wheel, 9 + 19 model, data and small/ with the last
 # wheel chunk), then in the SAME block run(timeout_s=600) "BUDGET_S=560 bash docs/results/perf_h200_vllm_plan.sh N1"
 # and "... N2" (~260 s of chunk calls + ~90 s start + 2 x 560 s: ~1,470 of the 1,800 s), then, with what is
 # left, run(timeout_s=LEFT-20) "BUDGET_S=LEFT-40 bash docs/results/perf_h200_vllm_plan.sh N3".
@@ -46,7 +46,7 @@ if [ ! -f /tmp/site/.installed ] && [ "$PART" = C ] && [ -d .whl ]; then  # C al
   [ -d "$M/small" ] || { mkdir -p "$M" && cp -r .carry/small "$M/small"; }
 fi
 if [ ! -f /tmp/site/.installed ]; then
-  finish vllm-wheels.tar cec48bc1ba43c4d7ab89e94482b28ad99128233c8b30c0cbae78d6f71e2e6035 || exit 1
+  finish vllm-wheels.tar 0eaf31a33964bfa1abd28051416c283be3229036f9a3dda202bfacfd045b0212 || exit 1  # perf_h200_carry_prep.sh's deterministic tar (2026-12-04 ran cec48bc1...)
   mkdir -p /root/wh && tar -xf "$M/vllm-wheels.tar" -C /root/wh
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /root/wh/wheels/*.whl \
     || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
