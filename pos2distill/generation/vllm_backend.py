@@ -53,9 +53,10 @@ def _run_vllm(llm, prompt_ids: list[list[int]], requests: list[dict], use_tqdm: 
     # added, doubling the BOS that the chat template already wrote.
     prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
     params = [SamplingParams(**request) for request in requests]
-    # No llm.reset_prefix_cache() here (it would keep the probe's cached prefixes out of stage 1):
-    # the one H200 run with it stalled, but so did a later run without it, both beside CPU-heavy
-    # jobs (docs/performance.md); it stays out until a clean run measures it.
+    # No llm.reset_prefix_cache() here (it would keep the probe's cached prefixes out of stage 1).
+    # It was dropped after a stalled H200 run, which the logs later showed had stalled in the
+    # engine's first start-up compile, before any generate (docs/performance.md); it stays out
+    # until a run measures what it changes.
     results = llm.generate(prompts, params, use_tqdm=use_tqdm)
     rows = []
     for result in results:
