@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--save_hf_ckpt", action="store_true", help="also save an HF folder per checkpoint")
     ckpt.add_argument("--disable_ds_ckpt", action="store_true", help="no DeepSpeed checkpoints (only HF ones with --save_hf_ckpt)")
     ckpt.add_argument("--check_saved_logits", action="store_true",
-                      help="after saving, reload the folder on the host and compare its logits with the trained "
-                           "model's on one row (kd/save_check.py; writes save_check.json; default off)")
+                      help="after saving, compare every saved tensor (LoRA: every adapter tensor) with the "
+                           "trained model's bit for bit, and report the reloaded folder's logits against the "
+                           "trained model's on one row (kd/save_check.py; writes save_check.json; default off)")
     ckpt.add_argument("--logging_steps", type=int, default=1, help="log losses every N optimizer steps")
     ckpt.add_argument("--eval_steps", type=int, default=-1, help="accepted for compatibility; stage 3 has no eval set")
     ckpt.add_argument("--use_tensorboard", default=None, metavar="DIR", help="write TensorBoard scalars under DIR (default: off)")

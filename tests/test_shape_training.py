@@ -126,3 +126,48 @@ def test_the_probe_forward_leaves_no_zero3_parameter_gathered(tmp_path):
     counts = dict(line.split() for line in done.stdout.splitlines() if line.startswith(("bare", "check")))
     assert int(counts["bare"]) > 0, "a bare eval forward no longer leaves parameters gathered: the test shows nothing"
     assert int(counts["check"]) == 0
+
+
+def test_compare_weights_checks_a_lora_folder_by_its_adapter_tensors(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from kd.save_check import compare_weights
+    from pos2distill.model_shapes import build_model, shape_config
+
+    base = build_model(shape_config("tiny-qwen2", vocab_size=256), device="cpu", dtype=torch.float32, seed=0)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    lora = [p for name, p in model.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        for param in lora:  # lora_B starts at zero: give every adapter tensor its own values
+            param.normal_(0.0, 0.02)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    same = compare_weights(model, str(tmp_path / "adapter"), rank0=True, adapter="default")
+    assert same["ok"] and same["compared"] == len(lora) > 0
+    # read as a full model, the folder lacks every base weight
+    assert compare_weights(model, str(tmp_path / "adapter"), rank0=True)["missing_count"] > 0
+    with torch.no_grad():
+        lora[-1].add_(1e-3)
+    changed = compare_weights(model, str(tmp_path / "adapter"), rank0=True, adapter="default")
+    assert not changed["ok"] and changed["differ_count"] == 1
+
+
+def test_train_nq_sh_with_lora_saves_the_adapters_it_trained(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    model = tmp_path / "tiny-qwen2"
+    subprocess.run([sys.executable, "-m", "pos2distill.model_shapes", "--shape", "tiny-qwen2", "--out", str(model),
+                    "--dtype", "float32", "--device", "cpu"], check=True, env=env, cwd=ROOT, capture_output=True)
+    make_pair_dataset(tmp_path / "data" / "shapepairs", n_examples=2, copies=1)
+    env.update(MODEL=str(model), DATASET="shapepairs", DATA_ROOT=str(tmp_path / "data"), SAVE_PATH=str(tmp_path / "save"),
+               CKPT_PATH=str(tmp_path / "ckpt"), TENSORBOARD=str(tmp_path / "tb"), TRAIN_BATCH="2", MICRO_BATCH="1",
+               MAX_LEN="4096", LR="1e-2", MASTER_PORT=str(29400 + os.getpid() % 100), PACKING="1")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    done = subprocess.run(["bash", os.path.join(ROOT, "train_nq.sh"), "--check_saved_logits", "--lora_rank", "4"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (saved,) = [d for d in (tmp_path / "save").iterdir() if d.is_dir()]
+    from safetensors.torch import load_file
+
+    adapters = load_file(str(saved / "adapter_model.safetensors"))
+    check = json.loads((saved / "save_check.json").read_text())
+    assert check["ok"] and check["weights"]["compared"] == len(adapters) > 0
+    assert any(float(t.abs().max()) > 0 for k, t in adapters.items() if "lora_B" in k)  # trained off zero
