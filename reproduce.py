@@ -8,7 +8,9 @@ seed, stage 4 of every row, paired comparisons with base, and the table beside t
 
 Steps are scheduled over the GPUs (--gpus, default CUDA_VISIBLE_DEVICES, else every GPU
 nvidia-smi lists, else the CPU), one step per GPU at a time. Run it again to resume: steps
-done with the same config are skipped, a step whose config changed is refused. Everything goes
+done with the same config are skipped, a step whose config changed is refused, and a step whose
+outputs are gone is rerun only if something still to run needs them (so steps/, evaluate/ and
+compare/ copied to another machine, without checkpoints, resume there without retraining). Everything goes
 under --out: logs/STEP.log, steps/STEP.json (done markers), evaluate/, compare/, table.md.
 Two experiments run with the same --out share their common steps (stage 1, p2d's trainings).
 The experiments are defined in pos2distill/experiments.py.
@@ -25,7 +27,7 @@ from pos2distill import experiments
 from pos2distill.cli_args import dataset_name_from_path
 from pos2distill.errors import UserError, run_cli
 from pos2distill.experiment_table import BENCH_FILE, comparison_prefix, write_table
-from pos2distill.lanes import Step, finished_steps, process_launcher, run_steps
+from pos2distill.lanes import Step, finished_steps, process_launcher, run_steps, unneeded_steps
 from pos2distill.names import (DEFAULT_SEED, check_name, checkpoint_name, dataset_name, eval_dir, model_name,
                                parse_kd_coef, predictions_file)
 
@@ -187,7 +189,7 @@ def eval_step(args, label, model_path, evalset, needs, train_dataset=None, infer
     argv += ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []
     argv += ["--train_dataset", train_dataset] if train_dataset else []
     return Step(f"eval-{label}-{set_id}", argv, gpus=gpus, needs=tuple(needs),
-                outputs=(predictions_file(out_dir, total),))
+                outputs=(predictions_file(out_dir, total),), final=True)  # the table reads it
 
 
 def row_model(row: str) -> str:
@@ -272,12 +274,13 @@ def bench_step(args, evalset):
     return Step("bench-pine", argv, gpus=1, outputs=(output,))
 
 
-def describe(step, done) -> str:
+def describe(step, done, unneeded=frozenset()) -> str:
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in step.env.items())
     argv = [a if a != PY else "python" for a in step.argv]
     where = f"{step.gpus} GPU" if step.gpus else "CPU"
     needs = f" after {', '.join(step.needs)}" if step.needs else ""
-    return f"[{'done' if step.id in done else 'todo'}] {step.id} ({where}{needs})\n    {env + ' ' if env else ''}{shlex.join(argv)}"
+    state = "done" if step.id in done else "not needed" if step.id in unneeded else "todo"
+    return f"[{state}] {step.id} ({where}{needs})\n    {env + ' ' if env else ''}{shlex.join(argv)}"
 
 
 def main(argv):
@@ -306,12 +309,16 @@ def main(argv):
     done = finished_steps(steps, args.out, ROOT)
     gpus = visible_gpus(args.gpus)
     if args.dry_run:
-        print(f"{len(steps)} steps ({len(done)} done) on {'the CPU' if gpus == ['cpu'] else 'GPU ' + ','.join(gpus)}, "
+        unneeded = unneeded_steps(steps, done)
+        counts = f"{len(done)} done" + (f", {len(unneeded)} not needed" if unneeded else "")
+        print(f"{len(steps)} steps ({counts}) on {'the CPU' if gpus == ['cpu'] else 'GPU ' + ','.join(gpus)}, "
               f"output {args.out}")
-        print("\n".join(describe(s, done) for s in steps))
+        print("\n".join(describe(s, done, unneeded) for s in steps))
         return 0
     os.makedirs(args.out, exist_ok=True)
-    print(f"{len(steps)} steps, {len(done)} done earlier; logs in {os.path.join(args.out, 'logs')}", flush=True)
+    unneeded = unneeded_steps(steps, done)
+    print(f"{len(steps)} steps, {len(done)} done earlier" + (f", {len(unneeded)} no longer needed (what needs them is done)"
+          if unneeded else "") + f"; logs in {os.path.join(args.out, 'logs')}", flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     status = run_steps(steps, gpus, process_launcher(args.out, ROOT, env, args.port), done=done,
                        log=lambda line: print(line, flush=True))

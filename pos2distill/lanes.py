@@ -28,6 +28,7 @@ class Step:
     env: dict = field(default_factory=dict)  # recorded in its config
     outputs: tuple = ()  # paths that exist once it succeeded
     port: bool = False  # a DeepSpeed launch: gets its own MASTER_PORT
+    final: bool = False  # its outputs are read after the run (the table): needed until done
 
 
 def step_config(step: Step, out: str, root: str) -> dict:
@@ -69,14 +70,38 @@ def mark_done(step: Step, out: str, root: str, seconds: float) -> None:
     write_text_atomic(marker_path(out, step), json.dumps(record, indent=1) + "\n")
 
 
+def unneeded_steps(steps: list, done) -> set:
+    """Steps not done that nothing left to run needs: every step that needs them is done, or
+    unneeded itself. A training whose evaluations are done needs no rerun when its checkpoint is
+    gone (the evaluations' outputs came back from another machine without it). A step that no
+    other step needs, or that is ``final``, is needed until it is done."""
+    dependents = {s.id: [] for s in steps}
+    for step in steps:
+        for need in step.needs:
+            dependents.setdefault(need, []).append(step.id)
+    settled, unneeded = set(done), set()
+    changed = True
+    while changed:  # to a fixed point: a chain is settled from its done end backwards
+        changed = False
+        for step in steps:
+            users = dependents[step.id]
+            if step.id not in settled and not step.final and users and all(u in settled for u in users):
+                settled.add(step.id)
+                unneeded.add(step.id)
+                changed = True
+    return unneeded
+
+
 def run_steps(steps: list, gpu_ids: list, launch, done=(), cpu_slots: int = 1, poll_s: float = 1.0,
               log=print) -> dict:
     """Run ``steps`` (in list order as resources allow); returns ``{id: status}``.
 
     ``launch(step, gpus)`` starts a step on the given GPU ids and returns a handle whose
     ``poll()`` is None while it runs, then its exit status, and which has ``terminate()``.
-    Status: ``done`` (earlier run), ``ok``, ``failed``, ``skipped`` (a needed step failed)."""
+    Status: ``done`` (earlier run), ``unneeded`` (see ``unneeded_steps``), ``ok``, ``failed``,
+    ``skipped`` (a needed step failed)."""
     status = {sid: "done" for sid in done}
+    status.update({sid: "unneeded" for sid in unneeded_steps(steps, done)})
     by_id = {s.id: s for s in steps}
     for step in steps:
         missing = [n for n in step.needs if n not in by_id]

@@ -120,3 +120,24 @@ def test_markers_skip_same_config_and_refuse_a_changed_one(tmp_path):
     changed = Step(step.id, step.argv, gpus=1, outputs=step.outputs, env={"LR": "3e-6"})
     with pytest.raises(UserError, match=r"eval-base \(env\)"):
         finished_steps([changed], str(out), str(root))
+
+
+def test_steps_whose_users_are_done_are_not_run_again():
+    # A later machine got the evaluations and comparisons back, not the checkpoints or stage 1:
+    # only what is still missing runs, and no training repeats for an evaluation that is done.
+    from pos2distill.lanes import unneeded_steps
+
+    steps = experiment()
+    for step in steps:
+        step.final = step.id.startswith("eval-")
+    done = {"eval-base", "eval-a", "compare-a", "eval-b", "compare-b"}
+    assert unneeded_steps(steps, done) == {"train-a", "train-b"}
+    world, launch = fake_world()
+    status = run_steps(steps, ["0"], launch, done=done, poll_s=0, log=lambda _: None)
+    assert status["train-a"] == status["train-b"] == "unneeded"
+    assert [s for s, _, _ in world["started"]] == ["stage1", "train-c", "eval-c", "compare-c"]
+    # a final step that is not done runs, and with it what it needs, even when its users are done
+    assert unneeded_steps(steps, done - {"eval-a"}) == {"train-b"}
+    # without final steps, a whole done chain settles back to its start
+    plain = experiment(rows=("a",))
+    assert unneeded_steps(plain, {"eval-base", "compare-a"}) == {"eval-a", "train-a", "stage1"}

@@ -4,6 +4,7 @@ comparisons, the table beside the paper's numbers) with one seed, two CPU lanes;
 that finds every step done, and one with a changed setting that is refused."""
 
 import json
+import shutil
 import os
 import socket
 import subprocess
@@ -82,6 +83,16 @@ def test_table3_on_cpu_then_resume(tmp_path, tiny_model):
     assert "start " not in again.stdout and (out / "table.md").read_text() == table
     dry = reproduce(*args, "--dry_run", timeout=60)
     assert dry.returncode == 0 and dry.stdout.count("[done]") == len(steps) and "[todo]" not in dry.stdout
+    # another machine got steps/, evaluate/, compare/ and logs/ back, not the checkpoints, stage 1's
+    # answers or stage 2's datasets: what needs those is done, so nothing runs again
+    kept = {"steps", "evaluate", "compare", "logs"}
+    for path in out.iterdir():
+        if path.is_dir() and path.name not in kept:
+            shutil.rmtree(path)
+    assert not (out / "checkpoints").exists()
+    moved = reproduce(*args, timeout=120)
+    assert moved.returncode == 0 and "no longer needed" in moved.stdout, moved.stdout[-2000:] + moved.stderr[-2000:]
+    assert "start " not in moved.stdout and (out / "table.md").read_text() == table
     # a changed setting would mix runs of two configs: refused before anything runs
     changed = reproduce(*[a if a != "1e-4" else "2e-4" for a in args], timeout=60)
     assert changed.returncode == 2 and "steps done earlier with another config" in changed.stderr
