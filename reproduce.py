@@ -81,7 +81,8 @@ def parse_args(argv):
     s4.add_argument("--pine_batch", type=int, default=16,
                     help="stage 4 batch size of PINE rows: slower and more memory than plain (default 16)")
     s4.add_argument("--positions_per_call", type=int, default=4, help="positions per generate call (default 4)")
-    s4.add_argument("--backend", default="hf", help="stage 1 and 4 backend: hf, vllm or auto (default hf)")
+    s4.add_argument("--backend", default="auto",
+                    help="stage 1 and 4 backend: auto (vLLM on a GPU when it imports, else hf), vllm or hf (default auto)")
     s4.add_argument("--max_new_tokens", type=int, default=None, help="stage 1 and 4 (default: theirs, 100)")
     s4.add_argument("--kv_data", default=None, help="kv experiment: kv-retrieval-K_keys file (prepare_data.py kv)")
     s4.add_argument("--kv_keys", type=int, default=75, help="keys per --kv_data record (default 75)")
