@@ -320,4 +320,24 @@ if [ "$PART" = N3 ]; then  # if ~250 s are left after N2: issue 16's second, dis
   note "part N3 done"
   exit 0
 fi
+# T: issue 16's Table 3 at 1.5B through reproduce.py, a few steps per session, resumed across sessions.
+# After the chunk calls (wheels, 1.5B, data); carry the previous session's $OUT/t3_results.tgz as
+# .carry/t3/results.tgz. ROWS=base,p2d first (then seqkd,kl,align,kl_anchor); 3 seeds per trained row.
+if [ "$PART" = T ]; then
+  T3=$W/t3
+  finish Qwen2.5-Coder-1.5B-Instruct.gguf cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 || exit 1
+  step convert15 150 "${CONVERT[@]}" "$M/Qwen2.5-Coder-1.5B-Instruct.gguf" "$M15"
+  if [ -f .carry/t3/results.tgz ]; then
+    mkdir -p "$T3" && tar -xzf .carry/t3/results.tgz -C "$T3" && note "resumed: $(ls "$T3/steps" | wc -l) steps done earlier"
+  fi
+  left=$(( DEADLINE - $(date +%s) - 25 ))
+  note "reproduce.py table3 --rows ${ROWS:-base,p2d}, $left s"
+  # SIGINT: reproduce.py stops its running steps (each in its own process group) before it exits
+  timeout -s INT -k 20 "$left" python3 reproduce.py table3 --model "$M15" --data "$DATA" --out "$T3" \
+      --rows "${ROWS:-base,p2d}" --seeds 3 --gpus 0 2>&1 | grep --line-buffered -v "it/s\]$" | tee -a "$LOG"
+  tar -czf "$OUT/t3_results.tgz" -C "$T3" $(cd "$T3" && ls -d steps evaluate compare raw_data table.md table.json 2>/dev/null)
+  tar -czf "$OUT/t3_logs.tgz" -C "$T3" logs 2>/dev/null
+  note "part T done: $(ls "$T3/steps" | wc -l) steps done; t3_results.tgz $(stat -c%s "$OUT/t3_results.tgz") bytes"
+  exit 0
+fi
 echo "unknown part $PART" >&2; exit 2
