@@ -9,7 +9,7 @@ import sys
 import torch
 
 from kd.save_check import compare
-from test_train_kd_e2e import make_pair_dataset
+from test_train_kd_e2e import free_port, make_pair_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +23,9 @@ def test_compare_fails_a_perturbed_reload():
     assert compare(trained, bf16_noise, torch.bfloat16)["ok"]
 
 
-def test_train_nq_sh_on_a_shape_folder_saves_what_it_trained(tmp_path):
+def train_tiny_shape(tmp_path, *flags):
+    """``train_nq.sh --check_saved_logits FLAGS`` on a tiny-qwen2 builder folder (CPU, ZeRO-3, packed
+    rows): (the run's output, the saved folder, the builder folder)."""
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     model = tmp_path / "tiny-qwen2"
     subprocess.run([sys.executable, "-m", "pos2distill.model_shapes", "--shape", "tiny-qwen2", "--out", str(model),
@@ -31,12 +33,17 @@ def test_train_nq_sh_on_a_shape_folder_saves_what_it_trained(tmp_path):
     make_pair_dataset(tmp_path / "data" / "shapepairs", n_examples=2, copies=1)
     env.update(MODEL=str(model), DATASET="shapepairs", DATA_ROOT=str(tmp_path / "data"), SAVE_PATH=str(tmp_path / "save"),
                CKPT_PATH=str(tmp_path / "ckpt"), TENSORBOARD=str(tmp_path / "tb"), TRAIN_BATCH="2", MICRO_BATCH="1",
-               MAX_LEN="4096", LR="1e-2", MASTER_PORT=str(29000 + os.getpid() % 1000), PACKING="1")
+               MAX_LEN="4096", LR="1e-2", MASTER_PORT=str(free_port()), PACKING="1")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # the venv's deepspeed launcher
-    done = subprocess.run(["bash", os.path.join(ROOT, "train_nq.sh"), "--check_saved_logits"], env=env, cwd=ROOT,
+    done = subprocess.run(["bash", os.path.join(ROOT, "train_nq.sh"), "--check_saved_logits", *flags], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (saved,) = [d for d in (tmp_path / "save").iterdir() if d.is_dir()]
+    return done, saved, model
+
+
+def test_train_nq_sh_on_a_shape_folder_saves_what_it_trained(tmp_path):
+    done, saved, model = train_tiny_shape(tmp_path)
     check = json.loads((saved / "save_check.json").read_text())
     assert check["ok"] and check["argmax_agreement"] == 1.0 and check["probe_tokens"] > 10
     weights = check["weights"]  # gathered from ZeRO-3 one tensor at a time, equal bit for bit
@@ -152,19 +159,7 @@ def test_compare_weights_checks_a_lora_folder_by_its_adapter_tensors(tmp_path):
 
 
 def test_train_nq_sh_with_lora_saves_the_adapters_it_trained(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
-    model = tmp_path / "tiny-qwen2"
-    subprocess.run([sys.executable, "-m", "pos2distill.model_shapes", "--shape", "tiny-qwen2", "--out", str(model),
-                    "--dtype", "float32", "--device", "cpu"], check=True, env=env, cwd=ROOT, capture_output=True)
-    make_pair_dataset(tmp_path / "data" / "shapepairs", n_examples=2, copies=1)
-    env.update(MODEL=str(model), DATASET="shapepairs", DATA_ROOT=str(tmp_path / "data"), SAVE_PATH=str(tmp_path / "save"),
-               CKPT_PATH=str(tmp_path / "ckpt"), TENSORBOARD=str(tmp_path / "tb"), TRAIN_BATCH="2", MICRO_BATCH="1",
-               MAX_LEN="4096", LR="1e-2", MASTER_PORT=str(29400 + os.getpid() % 100), PACKING="1")
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
-    done = subprocess.run(["bash", os.path.join(ROOT, "train_nq.sh"), "--check_saved_logits", "--lora_rank", "4"],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (saved,) = [d for d in (tmp_path / "save").iterdir() if d.is_dir()]
+    _, saved, _ = train_tiny_shape(tmp_path, "--lora_rank", "4")
     from safetensors.torch import load_file
 
     adapters = load_file(str(saved / "adapter_model.safetensors"))
