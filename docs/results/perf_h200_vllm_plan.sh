@@ -320,24 +320,34 @@ if [ "$PART" = N3 ]; then  # if ~250 s are left after N2: issue 16's second, dis
   note "part N3 done"
   exit 0
 fi
-# T: issue 16's Table 3 at 1.5B through reproduce.py, a few steps per session, resumed across sessions.
-# After the chunk calls (wheels, 1.5B, data); carry the previous session's $OUT/t3_results.tgz as
-# .carry/t3/results.tgz. ROWS=base,p2d first (then seqkd,kl,align,kl_anchor); 3 seeds per trained row.
+# T: reproduce.py experiments, a few steps per session, resumed across sessions from what comes back
+# (steps/, evaluate/, compare/, stage 1's raw_data/; no checkpoints). After the chunk calls (wheels, the
+# model, data), with the previous session's $OUT/results_SIZE.tgz carried as .carry/runs/results_SIZE.tgz.
+#   issue 16: EXP=table3 SIZE=15 [ROWS=base,p2d, then seqkd,kl,align,kl_anchor] (3 seeds per trained row)
+#   issue 19: EXP=pine SIZE=05 (and 15) SEEDS=1: base, PINE, Pos2Distill, Pos2Distill + PINE, PINE's cost.
+#   One output folder per model, so table3 and pine share stage 1 and the p2d trainings; run pine's
+#   p2d_pine rows in the session that trains p2d (their checkpoint does not come back).
 if [ "$PART" = T ]; then
-  T3=$W/t3
-  finish Qwen2.5-Coder-1.5B-Instruct.gguf cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 || exit 1
-  step convert15 150 "${CONVERT[@]}" "$M/Qwen2.5-Coder-1.5B-Instruct.gguf" "$M15"
-  if [ -f .carry/t3/results.tgz ]; then
-    mkdir -p "$T3" && tar -xzf .carry/t3/results.tgz -C "$T3" && note "resumed: $(ls "$T3/steps" | wc -l) steps done earlier"
+  SIZE=${SIZE:-15} EXP=${EXP:-table3}
+  case $SIZE in
+    05) MX=$M05; finish Qwen2.5-Coder-0.5B-Instruct.gguf 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 || exit 1
+        step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05" ;;
+    15) MX=$M15; finish Qwen2.5-Coder-1.5B-Instruct.gguf cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 || exit 1
+        step convert15 150 "${CONVERT[@]}" "$M/Qwen2.5-Coder-1.5B-Instruct.gguf" "$M15" ;;
+    *) echo "SIZE must be 05 or 15" >&2; exit 2 ;;
+  esac
+  RUN=$W/runs_$SIZE
+  if [ -f ".carry/runs/results_$SIZE.tgz" ]; then
+    mkdir -p "$RUN" && tar -xzf ".carry/runs/results_$SIZE.tgz" -C "$RUN" && note "resumed: $(ls "$RUN/steps" | wc -l) steps done earlier"
   fi
   left=$(( DEADLINE - $(date +%s) - 25 ))
-  note "reproduce.py table3 --rows ${ROWS:-base,p2d}, $left s"
+  note "reproduce.py $EXP, ${ROWS:-all rows}, ${SEEDS:-3} seed(s), $left s"
   # SIGINT: reproduce.py stops its running steps (each in its own process group) before it exits
-  timeout -s INT -k 20 "$left" python3 reproduce.py table3 --model "$M15" --data "$DATA" --out "$T3" \
-      --rows "${ROWS:-base,p2d}" --seeds 3 --gpus 0 2>&1 | grep --line-buffered -v "it/s\]$" | tee -a "$LOG"
-  tar -czf "$OUT/t3_results.tgz" -C "$T3" $(cd "$T3" && ls -d steps evaluate compare raw_data table.md table.json 2>/dev/null)
-  tar -czf "$OUT/t3_logs.tgz" -C "$T3" logs 2>/dev/null
-  note "part T done: $(ls "$T3/steps" | wc -l) steps done; t3_results.tgz $(stat -c%s "$OUT/t3_results.tgz") bytes"
+  timeout -s INT -k 20 "$left" python3 reproduce.py "$EXP" --model "$MX" --data "$DATA" --out "$RUN" \
+      ${ROWS:+--rows "$ROWS"} --seeds "${SEEDS:-3}" --gpus 0 2>&1 | grep --line-buffered -v "it/s\]$" | tee -a "$LOG"
+  tar -czf "$OUT/results_$SIZE.tgz" -C "$RUN" $(cd "$RUN" && ls -d steps evaluate compare raw_data table.md table.json 2>/dev/null)
+  tar -czf "$OUT/logs_$SIZE.tgz" -C "$RUN" logs 2>/dev/null
+  note "part T done: $(ls "$RUN/steps" | wc -l) steps done; results_$SIZE.tgz $(stat -c%s "$OUT/results_$SIZE.tgz") bytes"
   exit 0
 fi
 echo "unknown part $PART" >&2; exit 2
