@@ -26,6 +26,7 @@ import sys
 from pos2distill import experiments
 from pos2distill.cli_args import dataset_name_from_path
 from pos2distill.errors import UserError, run_cli
+from pos2distill.generation.backend_config import resolve_backend_name
 from pos2distill.experiment_table import BENCH_FILE, comparison_prefix, write_table
 from pos2distill.lanes import Step, finished_steps, process_launcher, run_steps, unneeded_steps
 from pos2distill.names import (DEFAULT_SEED, check_name, checkpoint_name, dataset_name, eval_dir, model_name,
@@ -82,7 +83,8 @@ def parse_args(argv):
                     help="stage 4 batch size of PINE rows: slower and more memory than plain (default 16)")
     s4.add_argument("--positions_per_call", type=int, default=4, help="positions per generate call (default 4)")
     s4.add_argument("--backend", default="auto",
-                    help="stage 1 and 4 backend: auto (vLLM on a GPU when it imports, else hf), vllm or hf (default auto)")
+                    help="stage 1 and 4 backend: auto (vLLM on a GPU when it imports, else hf; resolved when the steps "
+                         "are planned, so their configs say which ran), vllm or hf (default auto)")
     s4.add_argument("--max_new_tokens", type=int, default=None, help="stage 1 and 4 (default: theirs, 100)")
     s4.add_argument("--kv_data", default=None, help="kv experiment: kv-retrieval-K_keys file (prepare_data.py kv)")
     s4.add_argument("--kv_keys", type=int, default=75, help="keys per --kv_data record (default 75)")
@@ -234,7 +236,8 @@ def plan(args):
         for seed in (args.seed + i for i in range(args.seeds)):
             more, ckpt, folder = training_steps(args, variant, seed, stage1, dataset, model)
             steps += [s for s in more if s.id not in {x.id for x in steps}]  # stage 2 is shared by rows
-            runs[variant].append((f"{variant}-seed{seed}", ckpt, [more[1].id], folder))
+            # the evaluation reads the training's checkpoint and stage 2's folder (its questions are kept out)
+            runs[variant].append((f"{variant}-seed{seed}", ckpt, [more[0].id, more[1].id], folder))
     labels, pairs, evals = [], [], []
     for row in rows:
         source = row_model(row)
@@ -306,6 +309,9 @@ def main(argv):
     if os.path.exists(args.model):
         args.model = os.path.abspath(args.model)
     args.out = os.path.abspath(args.out or os.path.join("runs", f"{args.experiment}_{model_name(args.model)}"))
+    # auto is resolved here, so the steps' recorded configs say which backend ran (a resume elsewhere
+    # with another backend is refused rather than mixing vLLM and HF rows in one table)
+    args.backend = resolve_backend_name(args.backend)
     steps, sets, labels, pairs = plan(args)
     done = finished_steps(steps, args.out, ROOT)
     gpus = visible_gpus(args.gpus)

@@ -64,3 +64,15 @@ def fake_vllm(monkeypatch, tmp_path):
     fake.script({})
     yield fake
     sys.modules.pop("vllm", None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: matrices of width 64 gain nothing from more, and on
+    a busy 2-core machine the threads' spin-waits made the generation tests 10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,6 +14,9 @@ from pos2distill.generation.factory import make_backend
 from pos2distill.generation.parallel import HFDataParallelBackend
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
 def test_resolve_backend_name(monkeypatch):
     with pytest.raises(UserError, match="unknown backend 'tensorrt'"):
         resolve_backend_name("tensorrt")

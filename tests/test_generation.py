@@ -31,14 +31,7 @@ from conftest import MESSAGES
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Matrices of width 64 gain nothing from intra-op threads, and on a busy
-    # 2-core machine the threads' spin-waits made these tests 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _sharpen(model) -> None:

@@ -109,6 +109,9 @@ def test_dry_run_lists_the_plan_and_bad_input_is_refused(tmp_path, tiny_model):
     # 3 seeds by default: 2 stage-2 datasets per seed, 5 trainings, evaluations and comparisons per seed
     assert proc.stdout.startswith("53 steps (0 done) on GPU 0,1") and not out.exists()
     assert "--positions 0,5,10,15,last" in proc.stdout and "train-kl_anchor-seed44" in proc.stdout
+    # an evaluation reads its stage-2 folder too (its training questions are kept out): gone, it is redone
+    assert "eval-p2d-seed42-nq20 (1 GPU after stage2-1strengthen-filter-seed42, train-p2d-seed42)" in proc.stdout
+    assert "--backend hf" in proc.stdout and "--backend auto" not in proc.stdout  # resolved: the configs say which ran
     for args, message in [(["--dataset_name", "../x"], "error: --dataset_name '../x': must be a plain name"),
                           (["--rows", "base,nope"], "error: --rows: unknown rows ['nope']"),
                           (["--train_env", "oops"], "error: --train_env 'oops': expected VAR=VALUE")]:

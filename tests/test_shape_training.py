@@ -126,7 +126,7 @@ def test_the_probe_forward_leaves_no_zero3_parameter_gathered(tmp_path):
     # prefetched. On CPU nothing is in flight, but the same forward leaves parameters gathered;
     # engine_logits must hand every one back before compare_weights gathers them one at a time.
     env = dict(os.environ, PYTHONPATH=ROOT, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(29500 + os.getpid() % 400), CUDA_VISIBLE_DEVICES="")
+               MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES="")
     done = subprocess.run([sys.executable, "-c", ZERO3_PROBE], env=env, cwd=str(tmp_path), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
