@@ -70,8 +70,7 @@ def compare_weights(module, folder: str, rank0: bool, adapter: str = None) -> di
     """Every parameter of ``module`` against the saved tensor of its name, bit for bit; ZeRO-3
     parameters are gathered one at a time on every rank (collective). Tied weights saved once
     are looked up under the first name they were saved as. ``adapter``: ``module`` is a PEFT
-    model whose folder holds that adapter's trainable tensors alone, saved without its name
-    (``...lora_A.default.weight`` as ``...lora_A.weight``)."""
+    model whose folder holds that adapter's tensors alone (``_saved_parameters``)."""
     import contextlib
 
     from safetensors import safe_open
@@ -91,11 +90,7 @@ def compare_weights(module, folder: str, rank0: bool, adapter: str = None) -> di
                 if name.endswith(".safetensors"):
                     handle = files.enter_context(safe_open(os.path.join(folder, name), "pt"))
                     where.update({key: handle for key in handle.keys()})
-        for name, param in module.named_parameters(remove_duplicate=False):
-            if adapter is not None:
-                if not param.requires_grad:  # the frozen base model is not in an adapter folder
-                    continue
-                name = name.replace(f".{adapter}.", ".")
+        for name, param in _saved_parameters(module, adapter):
             zero3 = gather is not None and hasattr(param, "ds_id")
             with gather([param], modifier_rank=None) if zero3 else contextlib.nullcontext():
                 if not rank0:
@@ -115,6 +110,38 @@ def compare_weights(module, folder: str, rank0: bool, adapter: str = None) -> di
     return {"compared": compared, "differ": differ[:10], "differ_count": len(differ), "missing": missing[:10],
             "missing_count": len(missing), "max_abs_diff": worst,
             "ok": compared > 0 and not differ and not missing}
+
+
+def _saved_parameters(module, adapter):
+    """(saved name, parameter) pairs: every parameter of a full model; for a PEFT model, what PEFT
+    itself puts in the adapter folder under the names it gives them (the adapter's name left out,
+    ``modules_to_save`` copies and embedding layers included)."""
+    if adapter is None:
+        return list(module.named_parameters(remove_duplicate=False))
+    from peft import get_peft_model_state_dict
+
+    return list(get_peft_model_state_dict(module, state_dict=dict(module.named_parameters()),
+                                          adapter_name=adapter).items())
+
+
+ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "bias", "use_dora", "modules_to_save", "use_rslora")
+
+
+def compare_adapter_config(module, folder: str, adapter: str) -> dict:
+    """The saved ``adapter_config.json`` against the PEFT model's config on the fields that change
+    what the reloaded adapters compute; lists and sets compare as sets."""
+    def plain(value):
+        return sorted(value) if isinstance(value, (list, set, tuple)) else value
+
+    path = os.path.join(folder, "adapter_config.json")
+    if not os.path.exists(path):
+        return {"ok": False, "differ": ["adapter_config.json missing"]}
+    with open(path) as handle:
+        saved = json.load(handle)
+    mine = module.peft_config[adapter].to_dict()
+    differ = [f"{k}: saved {saved.get(k)!r}, trained {mine.get(k)!r}" for k in ADAPTER_FIELDS
+              if plain(saved.get(k)) != plain(mine.get(k))]
+    return {"ok": not differ, "differ": differ}
 
 
 def check_saved_logits(strategy, model, dataset, folder: str, packed: bool) -> None:
@@ -138,6 +165,9 @@ def check_saved_logits(strategy, model, dataset, folder: str, packed: bool) -> N
         result["logits_ok"] = result["ok"]
         result["weights"] = weights  # equal weights settle it; the logit gap is then numerics
         result["ok"] = weights["ok"]
+        if adapter is not None:  # adapters also need the config that says where and how they apply
+            result["adapter_config"] = compare_adapter_config(engine.module, folder, adapter)
+            result["ok"] = result["ok"] and result["adapter_config"]["ok"]
         result.update(probe_tokens=int(ids.shape[1]), trained_dtype=str(dtype).replace("torch.", ""),
                       seconds=time.perf_counter() - began)
         with open(os.path.join(folder, "save_check.json"), "w") as handle:
@@ -147,6 +177,9 @@ def check_saved_logits(strategy, model, dataset, folder: str, packed: bool) -> N
         strategy.print(f"save check: reloaded {folder}: max |logit diff| {result['max_abs_diff']:.3g} "
                        f"({100 * result['relative']:.2f}% of the largest logit), argmax agreement "
                        f"{100 * result['argmax_agreement']:.0f}%{same}, {result['seconds']:.1f} s")
+        if not result.get("adapter_config", {"ok": True})["ok"]:
+            raise UserError(f"{folder}: the saved adapter config differs from the trained model's "
+                            f"({'; '.join(result['adapter_config']['differ'][:3])}); the save is broken")
         if not result["ok"]:
             raise UserError(f"{folder}: the saved weights differ from the trained model's ({weights['differ_count']} "
                             f"differ, e.g. {weights['differ'][:3]}; {weights['missing_count']} missing, e.g. "

@@ -156,6 +156,21 @@ def test_compare_weights_checks_a_lora_folder_by_its_adapter_tensors(tmp_path):
         lora[-1].add_(1e-3)
     changed = compare_weights(model, str(tmp_path / "adapter"), rank0=True, adapter="default")
     assert not changed["ok"] and changed["differ_count"] == 1
+    from kd.save_check import compare_adapter_config
+
+    assert compare_adapter_config(model, str(tmp_path / "adapter"), "default")["ok"]
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), r=8)))
+    wrong = compare_adapter_config(model, str(tmp_path / "adapter"), "default")
+    assert not wrong["ok"] and wrong["differ"] == ["r: saved 8, trained 4"]
+    # PEFT's other saved kinds: an embedding adapter (saved with its base embedding), DoRA magnitudes
+    for extra in ({"target_modules": ["q_proj", "embed_tokens"]}, {"target_modules": ["q_proj"], "use_dora": True}):
+        base = build_model(shape_config("tiny-qwen2", vocab_size=256), device="cpu", dtype=torch.float32, seed=0)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, **extra))
+        folder = tmp_path / f"adapter-{len(extra)}-{extra['target_modules'][-1]}"
+        model.save_pretrained(str(folder))
+        same = compare_weights(model, str(folder), rank0=True, adapter="default")
+        assert same["ok"] and same["compared"] >= 6, (extra, same)
 
 
 def test_train_nq_sh_with_lora_saves_the_adapters_it_trained(tmp_path):
@@ -164,5 +179,5 @@ def test_train_nq_sh_with_lora_saves_the_adapters_it_trained(tmp_path):
 
     adapters = load_file(str(saved / "adapter_model.safetensors"))
     check = json.loads((saved / "save_check.json").read_text())
-    assert check["ok"] and check["weights"]["compared"] == len(adapters) > 0
+    assert check["ok"] and check["weights"]["compared"] == len(adapters) > 0 and check["adapter_config"]["ok"]
     assert any(float(t.abs().max()) > 0 for k, t in adapters.items() if "lora_B" in k)  # trained off zero
