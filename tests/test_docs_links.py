@@ -1,4 +1,4 @@
-"""The docs' relative links resolve, and no doc names a path of one machine.
+"""The docs' relative links resolve, the tests they cite exist, and no doc names a path of one machine.
 
 Checks README.md and every docs/**/*.md: each relative markdown link ``[text](target)`` points
 at a file or folder of the repository (and, for ``file.md#anchor``, at a heading of that file),
@@ -94,3 +94,18 @@ def test_checker_catches_what_it_should(tmp_path):
     assert MACHINE_PATH.search("MODEL=/root/models/x.gguf")
     assert MACHINE_PATH.search("see /work/shared/data")
     assert not MACHINE_PATH.search("MODEL=$MODELS/x.gguf and docs/tmp/x and ~/tmp/x")
+
+
+TEST_REF = re.compile(r"(test_\w+)\.py::(test_\w+)")
+
+
+@pytest.mark.parametrize("doc", CURRENT, ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_tests_exist_where_the_docs_say(doc):
+    # the docs cite tests as evidence (tests/FILE.py::test_name): a moved or renamed test must take
+    # its citations along
+    wrong = []
+    for module, name in TEST_REF.findall(doc.read_text(encoding="utf-8")):
+        path = ROOT / "tests" / f"{module}.py"
+        if not path.exists() or not re.search(rf"^def {name}\(", path.read_text(encoding="utf-8"), re.M):
+            wrong.append(f"{module}.py::{name}")
+    assert not wrong, f"{doc.name} cites tests that are not there: {wrong}"
