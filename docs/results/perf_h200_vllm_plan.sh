@@ -96,6 +96,23 @@ fixed_answers() {  # fixed_answers RUN...: each run's 0.5B stage-1 answers, with
   done
 }
 
+shape_save_check() {  # shape_save_check SHAPE BUILD_LIMIT TRAIN_LIMIT: train_nq.sh at a random-weight shape for
+  # 3 optimizer steps, the HF folder saved, then --check_saved_logits (every saved tensor against the engine's
+  # gathered parameter, bit for bit); its save_check.json to $OUT/save_check_SHAPE.json
+  local shape=$1 model=$W/$1 saved
+  if [ ! -f "$model/config.json" ]; then
+    rm -rf "$model"
+    step build_$shape "$2" python3 -m pos2distill.model_shapes --shape "$shape" --out "$model" --dtype bfloat16 \
+        --tokenizer "$M/small/qwen_tokenizer" --device cuda
+  fi
+  step train_$shape "$3" env MODEL="$model" MODEL_NAME=shape7b DATA_ROOT=$M/small/pairs NUM=64 TRAIN_BATCH=8 MICRO_BATCH=4 \
+      MAX_LEN=8192 SAVE_PATH=$W/save7b CKPT_PATH=$W/ckpt7b TENSORBOARD=$W/tb NUM_GPUS=1 \
+      bash train_nq.sh --max_samples 24 --check_saved_logits
+  saved=$(ls -d $W/save7b/*/ 2>/dev/null | head -1)
+  [ -n "$saved" ] && cp "$saved/save_check.json" "$OUT/save_check_$shape.json" 2>/dev/null
+  rm -rf "$W/save7b" "$W/ckpt7b"
+}
+
 vllm_05_steps() {  # stage 4 on vLLM and HF, and stage 1 on vLLM three times, for the 0.5B model
   # A1: stage 4 on vLLM, 500 questions x the paper's 5 positions, one engine for all positions
   step s4_vllm_05 240 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend vllm --sample_num 500 \
@@ -173,16 +190,7 @@ fi
 
 if [ "$PART" = C ]; then
   SHAPE=${SHAPE:-qwen2.5-7b}  # 2026-12-04: SHAPE=qwen2.5-3b, the shape that fitted the session's last 313 s
-  TOK=$M/small/qwen_tokenizer MODEL=$W/$SHAPE
-  [ -f "$MODEL/config.json" ] || step build_$SHAPE 200 python3 -m pos2distill.model_shapes --shape "$SHAPE" --out "$MODEL" \
-      --dtype bfloat16 --tokenizer "$TOK" --device cuda
-  # train_nq.sh at 7B: 3 optimizer steps, the HF folder saved, then --check_saved_logits, which now
-  # also compares every saved tensor with the engine's gathered parameter bit for bit
-  step train7b 360 env MODEL="$MODEL" MODEL_NAME=shape7b DATA_ROOT=$M/small/pairs NUM=64 TRAIN_BATCH=8 MICRO_BATCH=4 \
-      MAX_LEN=8192 SAVE_PATH=$W/save7b CKPT_PATH=$W/ckpt7b TENSORBOARD=$W/tb NUM_GPUS=1 \
-      bash train_nq.sh --max_samples 24 --check_saved_logits
-  SAVED=$(ls -d $W/save7b/*/ 2>/dev/null | head -1)
-  [ -n "$SAVED" ] && cp "$SAVED/save_check.json" "$OUT/save_check_$SHAPE.json" 2>/dev/null
+  shape_save_check "$SHAPE" 200 360
   note "part C done"
   exit 0
 fi
@@ -214,18 +222,7 @@ fi
 # P2 (right after P1, same machine): train_nq.sh at the 7B shape with the bit-for-bit save check (issue 20),
 # then stage 1 on vLLM for the 1.5B model with the probe, then stage 1 on HF for both models (accuracy).
 if [ "$PART" = P2 ]; then
-  TOK=$M/small/qwen_tokenizer MODEL=$W/qwen2.5-7b
-  if [ ! -f "$MODEL/config.json" ]; then
-    rm -rf "$MODEL"
-    step build_qwen7b 120 python3 -m pos2distill.model_shapes --shape qwen2.5-7b --out "$MODEL" --dtype bfloat16 \
-        --tokenizer "$TOK" --device cuda
-  fi
-  step train7b 280 env MODEL="$MODEL" MODEL_NAME=shape7b DATA_ROOT=$M/small/pairs NUM=64 TRAIN_BATCH=8 MICRO_BATCH=4 \
-      MAX_LEN=8192 SAVE_PATH=$W/save7b CKPT_PATH=$W/ckpt7b TENSORBOARD=$W/tb NUM_GPUS=1 \
-      bash train_nq.sh --max_samples 24 --check_saved_logits
-  SAVED=$(ls -d $W/save7b/*/ 2>/dev/null | head -1)
-  [ -n "$SAVED" ] && cp "$SAVED/save_check.json" "$OUT/save_check_$SHAPE.json" 2>/dev/null
-  rm -rf "$W/save7b" "$W/ckpt7b"
+  shape_save_check qwen2.5-7b 120 280  # ran as step train7b (log perf_h200_vllm_P2.log)
   step s1_vllm_15_auto 230 env MODEL="$M15" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=auto bash gen_advantageous_pos_for_R1.sh \
       --limit 1200 --output-path "$W/raw_vllm"
   F1=$(s1file "$W/raw_vllm" Qwen2.5-Coder-1.5B-Instruct); P15=$(echo "$F1" | sed -E 's/.*_20docs_([0-9]+)\.jsonl\.gz/\1/')
@@ -289,15 +286,8 @@ if [ "$PART" = N1 ]; then  # 0.5B: stage 1 twice with one seed (same file?), the
   exit 0
 fi
 if [ "$PART" = N2 ]; then  # right after N1: the 7B save check, the plain baseline, stage 1 on HF (600 each)
-  TOK=$M/small/qwen_tokenizer MODEL=$W/qwen2.5-7b
-  [ -f "$MODEL/config.json" ] || step build_qwen7b 90 python3 -m pos2distill.model_shapes --shape qwen2.5-7b --out "$MODEL" \
-      --dtype bfloat16 --tokenizer "$TOK" --device cuda
-  step train7b 250 env MODEL="$MODEL" MODEL_NAME=shape7b DATA_ROOT=$M/small/pairs NUM=64 TRAIN_BATCH=8 MICRO_BATCH=4 \
-      MAX_LEN=8192 SAVE_PATH=$W/save7b CKPT_PATH=$W/ckpt7b TENSORBOARD=$W/tb NUM_GPUS=1 \
-      bash train_nq.sh --max_samples 24 --check_saved_logits
-  SAVED=$(ls -d $W/save7b/*/ 2>/dev/null | head -1)
-  [ -n "$SAVED" ] && cp "$SAVED/save_check.json" "$OUT/save_check_qwen2.5-7b.json" 2>/dev/null
-  rm -rf "$W/save7b" "$W/ckpt7b" "$MODEL"
+  shape_save_check qwen2.5-7b 90 250
+  rm -rf "$W/qwen2.5-7b"  # 15 GB of disk the HF steps below may want
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   step baseline_05 90 python3 benchmarks/bench_eval.py --data "$DATA" --model "$M05" --total_doc 20 --sample_num 100 \
       --positions "$POS5" --baseline_only --baseline_batch_size 64 --dtype auto --output "$W/bench_eval_baseline.json"
