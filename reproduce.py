@@ -315,15 +315,14 @@ def main(argv):
     steps, sets, labels, pairs = plan(args)
     done = finished_steps(steps, args.out, ROOT)
     gpus = visible_gpus(args.gpus)
+    unneeded = unneeded_steps(steps, done)
     if args.dry_run:
-        unneeded = unneeded_steps(steps, done)
         counts = f"{len(done)} done" + (f", {len(unneeded)} not needed" if unneeded else "")
         print(f"{len(steps)} steps ({counts}) on {'the CPU' if gpus == ['cpu'] else 'GPU ' + ','.join(gpus)}, "
               f"output {args.out}")
         print("\n".join(describe(s, done, unneeded) for s in steps))
         return 0
     os.makedirs(args.out, exist_ok=True)
-    unneeded = unneeded_steps(steps, done)
     print(f"{len(steps)} steps, {len(done)} done earlier" + (f", {len(unneeded)} no longer needed (what needs them is done)"
           if unneeded else "") + f"; logs in {os.path.join(args.out, 'logs')}", flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))

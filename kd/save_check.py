@@ -177,7 +177,7 @@ def check_saved_logits(strategy, model, dataset, folder: str, packed: bool) -> N
         strategy.print(f"save check: reloaded {folder}: max |logit diff| {result['max_abs_diff']:.3g} "
                        f"({100 * result['relative']:.2f}% of the largest logit), argmax agreement "
                        f"{100 * result['argmax_agreement']:.0f}%{same}, {result['seconds']:.1f} s")
-        if not result.get("adapter_config", {"ok": True})["ok"]:
+        if adapter is not None and not result["adapter_config"]["ok"]:
             raise UserError(f"{folder}: the saved adapter config differs from the trained model's "
                             f"({'; '.join(result['adapter_config']['differ'][:3])}); the save is broken")
         if not result["ok"]:
