@@ -292,6 +292,9 @@ def main(argv):
             "prompts": len(all_items),
             "prompt_tokens": {"min": min(lengths), "max": max(lengths), "mean": real / len(lengths)},
             "runs": {name: {k: v for k, v in run.items() if k != "predictions"} for name, run in runs.items()},
+            # per prompt, in this order: a run can be paired with stage 4's predictions afterwards
+            "items": [[it.example_id, it.position] for it in all_items],
+            "scores": {name: score_all(run["predictions"], all_items) for name, run in runs.items()},
             "out_of_memory": out_of_memory,
         }
         write_report(args.output, report, args)

@@ -178,8 +178,13 @@ def test_bench_eval_baseline_only(tmp_path, tiny_model):
     stdout = _run("bench_eval.py", "--data", data, "--model", tiny_model, "--device", "cpu", "--threads", "1",
                   "--total_doc", TOTAL, "--sample_num", 3, "--positions", "0", "--baseline_batch_size", 2,
                   "--max_new_tokens", 4, "--warmup_prompts", 1, "--baseline_only", "--output", out)
-    runs = json.loads(out.read_text())["runs"]
+    report = json.loads(out.read_text())
+    runs = report["runs"]
     assert set(runs) == {"baseline"} and runs["baseline"]["prompts"] == 3 and runs["baseline"]["prompts_per_s"] > 0
+    # per-prompt scores, paired with their (example, position): the last 3 examples at position 0
+    assert report["items"] == [[i, 0] for i in range(5, 8)]
+    assert set(report["scores"]) == {"baseline"} and len(report["scores"]["baseline"]) == 3
+    assert 100.0 * sum(report["scores"]["baseline"]) / 3 == runs["baseline"]["accuracy"]
     assert "ours" not in stdout.replace("ours-", "")
 
 

@@ -269,7 +269,10 @@ save_caches() {  # each cache folder that compresses under 15 MiB, as $OUT/cache
     [ "$size" -lt 15728640 ] && mv "/tmp/$name" "$OUT/"
   done
 }
-if [ "$PART" = N1 ]; then  # 0.5B: stage 1 twice with one seed (same file?), then stage 4 on HF on A2's prompts
+# 2026-12-04 (second session): A2's stage-4 predictions never came back, so N1 runs vLLM's stage 4 again
+# and N2 the HF backend on the same prompts; the plain baseline writes its per-prompt scores (bench_eval's
+# "scores"), so all three pair up on the last 100 questions.
+if [ "$PART" = N1 ]; then  # 0.5B: stage 1 twice with one seed (same file?), stage 4 on vLLM (500 x 5)
   for f in .carry/vcache/*.tgz; do [ -f "$f" ] && tar -xzf "$f" -C /root && note "cache restored: $f"; done
   finish Qwen2.5-Coder-0.5B-Instruct.gguf 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 || exit 1
   finish Qwen2.5-Coder-1.5B-Instruct.gguf cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 || exit 1
@@ -277,36 +280,40 @@ if [ "$PART" = N1 ]; then  # 0.5B: stage 1 twice with one seed (same file?), the
   step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
   wait; tail -1 "$W/convert15.log" | tee -a "$LOG"  # the CPU is free before any engine starts
   same_seed_pair 0 200
-  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  s4_hf_05 200
+  step s4_vllm_05 150 python3 eval_data.py --input-path "$DATA" --model "$M05" --backend vllm --sample_num 500 \
+      --positions "$POS5" --output-path "$W/eval_vllm" --seed 42
   fixed_answers raw_vllm_fixed_a raw_vllm_fixed_b
-  tar -czf "$OUT/results_N1.tgz" -C "$W" $(cd "$W" && ls -d eval_hf raw_vllm_fixed*__*.jsonl raw_vllm_fixed*/nq/*.summary.json 2>/dev/null)
+  tar -czf "$OUT/results_N1.tgz" -C "$W" $(cd "$W" && ls -d eval_vllm raw_vllm_fixed*__*.jsonl raw_vllm_fixed*/nq/*.summary.json 2>/dev/null)
   save_caches
   note "part N1 done"
   exit 0
 fi
-if [ "$PART" = N2 ]; then  # right after N1: the 7B save check, the plain baseline, stage 1 on HF (600 each)
+if [ "$PART" = N2 ]; then  # right after N1: the 7B save check, stage 4 on HF (N1's prompts), stage 1 on HF (0.5B)
   shape_save_check qwen2.5-7b 90 250
-  rm -rf "$W/qwen2.5-7b"  # 15 GB of disk the HF steps below may want
+  rm -rf "$W/qwen2.5-7b"  # 15 GB of disk
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  step baseline_05 90 python3 benchmarks/bench_eval.py --data "$DATA" --model "$M05" --total_doc 20 --sample_num 100 \
-      --positions "$POS5" --baseline_only --baseline_batch_size 64 --dtype auto --output "$W/bench_eval_baseline.json"
-  for m in "$M05" "$M15"; do  # one at a time: their speed is measured too
-    step s1_hf_$(basename "$m" | cut -c15-18) 120 env MODEL="$m" INPUT_PATH="$DATA" BACKEND=hf GOLD_DOC=0 \
-        bash gen_advantageous_pos_for_R1.sh --limit 600 --batch_size 128 --output-path "$W/raw_hf"
-  done
+  s4_hf_05 200
+  step s1_hf_05 120 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=hf GOLD_DOC=0 \
+      bash gen_advantageous_pos_for_R1.sh --limit 600 --batch_size 128 --output-path "$W/raw_hf"
   for f in $(ls "$W"/raw_hf/nq/*.jsonl.gz 2>/dev/null); do answers "$f" "$W/raw_hf__$(basename "$f" .gz)"; done
-  tar -czf "$OUT/results_N2.tgz" -C "$W" $(cd "$W" && ls -d bench_eval_baseline.json raw_hf__*.jsonl raw_hf/nq/*.summary.json 2>/dev/null)
+  tar -czf "$OUT/results_N2.tgz" -C "$W" $(cd "$W" && ls -d eval_hf raw_hf__*.jsonl raw_hf/nq/*.summary.json 2>/dev/null)
   note "part N2 done"
   exit 0
 fi
-if [ "$PART" = N3 ]; then  # if ~250 s are left after N2: issue 16's second, disjoint probe sample for both models
-  # (held-out examples 1554..1853; the first sample, 1854..2153, kept position 0 for both, A2 and P2)
+if [ "$PART" = N3 ]; then  # with what is left: stage 1 on HF (1.5B), issue 16's second probe sample, the baseline
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  step s1_hf_15 130 env MODEL="$M15" INPUT_PATH="$DATA" BACKEND=hf GOLD_DOC=0 \
+      bash gen_advantageous_pos_for_R1.sh --limit 600 --batch_size 128 --output-path "$W/raw_hf15"
+  for f in $(ls "$W"/raw_hf15/nq/*.jsonl.gz 2>/dev/null); do answers "$f" "$W/raw_hf15__$(basename "$f" .gz)"; done
+  tar -czf "$OUT/results_N3a.tgz" -C "$W" $(cd "$W" && ls -d raw_hf15__*.jsonl raw_hf15/nq/*.summary.json 2>/dev/null)
+  # held-out examples 1554..1853; the first sample, 1854..2153, kept position 0 for both (A2 and P2)
   for m in "$M05" "$M15"; do
     step probe2_$(basename "$m" | cut -c15-18) 120 env MODEL="$m" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=auto \
         bash gen_advantageous_pos_for_R1.sh --limit 8 --eval_holdout 800 --output-path "$W/probe2"
+    cp "$W"/probe2/nq/*.summary.json "$OUT/" 2>/dev/null
   done
-  tar -czf "$OUT/results_N3.tgz" -C "$W" $(cd "$W" && ls -d probe2/nq/*.summary.json 2>/dev/null)
+  step baseline_05 90 python3 benchmarks/bench_eval.py --data "$DATA" --model "$M05" --total_doc 20 --sample_num 100 \
+      --positions "$POS5" --baseline_only --baseline_batch_size 64 --dtype auto --output "$OUT/bench_eval_baseline.json"
   note "part N3 done"
   exit 0
 fi
