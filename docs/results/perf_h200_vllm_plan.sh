@@ -317,6 +317,31 @@ if [ "$PART" = N3 ]; then  # with what is left: stage 1 on HF (1.5B), issue 16's
   note "part N3 done"
   exit 0
 fi
+# N1-N3 ran 2026-12-04 (second session; logs perf_h200_vllm_N{1,2,3}.log): N1's fixed_a was killed in the
+# fresh machine's first engine start (135 s) and top-p JIT, so the same-flow pair is still to run; N3's
+# 1.5B probe was cut after 12 of 20 positions. N4 is both, with N1's compile caches carried in: after the
+# chunk calls (wheels, both models, data), carry [".carry/vcache"] with this call.
+if [ "$PART" = N4 ]; then
+  for f in .carry/vcache/*.tgz; do [ -f "$f" ] && tar -xzf "$f" -C /root && note "cache restored: $f"; done
+  finish Qwen2.5-Coder-0.5B-Instruct.gguf 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 || exit 1
+  finish Qwen2.5-Coder-1.5B-Instruct.gguf cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 || exit 1
+  ( "${CONVERT[@]}" "$M/Qwen2.5-Coder-1.5B-Instruct.gguf" "$M15" > "$W/convert15.log" 2>&1; echo "exit $?" >> "$W/convert15.log" ) &
+  step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
+  wait; tail -1 "$W/convert15.log" | tee -a "$LOG"
+  same_seed_pair 0 140
+  # the probe flow once more: does a probe before the sampled answers change them?
+  step s1_vllm_05_auto 150 env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=auto bash gen_advantageous_pos_for_R1.sh \
+      --limit 1200 --output-path "$W/raw_vllm"
+  F0=$(s1file "$W/raw_vllm" Qwen2.5-Coder-0.5B-Instruct)
+  note "content sha256: auto $(content_sha "$F0")"; note "auto vs fixed_a:"; differ "$F0" "$FA"
+  step probe2_1.5B 150 env MODEL="$M15" INPUT_PATH="$DATA" BACKEND=vllm GOLD_DOC=auto \
+      bash gen_advantageous_pos_for_R1.sh --limit 8 --eval_holdout 800 --output-path "$W/probe2"
+  cp "$W"/probe2/nq/*.summary.json "$OUT/" 2>/dev/null
+  fixed_answers raw_vllm raw_vllm_fixed_a raw_vllm_fixed_b
+  tar -czf "$OUT/results_N4.tgz" -C "$W" $(cd "$W" && ls -d raw_vllm*__*.jsonl raw_vllm*/nq/*.summary.json 2>/dev/null)
+  note "part N4 done"
+  exit 0
+fi
 # T: reproduce.py experiments, a few steps per session, resumed across sessions from what comes back
 # (steps/, evaluate/, compare/, stage 1's raw_data/; no checkpoints). After the chunk calls (wheels, the
 # model, data), with the previous session's $OUT/results_SIZE.tgz carried as .carry/runs/results_SIZE.tgz.
