@@ -22,10 +22,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 from pos2distill import experiments
 from pos2distill.cli_args import dataset_name_from_path
-from pos2distill.errors import UserError, run_cli
+from pos2distill.errors import PAUSED_EXIT, UserError, run_cli
 from pos2distill.generation.backend_config import resolve_backend_name
 from pos2distill.experiment_table import BENCH_FILE, comparison_prefix, write_table
 from pos2distill.lanes import Step, finished_steps, process_launcher, run_steps, unneeded_steps
@@ -56,6 +57,10 @@ def parse_args(argv):
     lanes.add_argument("--train_gpus", type=int, default=1, help="GPUs per training (default 1)")
     lanes.add_argument("--eval_gpus", type=int, default=1, help="GPUs per evaluation, data parallel (default 1)")
     lanes.add_argument("--port", type=int, default=29500, help="first DeepSpeed MASTER_PORT (default 29500)")
+    lanes.add_argument("--stop_after", type=float, default=None, metavar="SECONDS",
+                       help="start no step after this many seconds; a training still running then pauses into a "
+                            "checkpoint at its next optimizer step; exit status 75: run the same command again to "
+                            "go on (default: run to the end)")
     s1 = p.add_argument_group("stage 1")
     s1.add_argument("--gold_doc", default="auto", help="advantageous position: auto (probed) or an index (default auto)")
     s1.add_argument("--limit", type=int, default=None, help="stage 1 on the first N questions only (default: all)")
@@ -170,9 +175,10 @@ def training_steps(args, variant, seed, stage1, dataset, model):
         if not eq or not var.isidentifier():
             raise UserError(f"--train_env {item!r}: expected VAR=VALUE")
         env[var] = value
+    # a paused training resumes from CKPT_PATH (train_nq.sh: LOAD_CHECKPOINT, STOP_AT from the driver's env)
     train = Step(f"train-{variant}-seed{seed}", ["bash", os.path.join(ROOT, "train_nq.sh"), "--seed", str(seed)],
                  gpus=args.train_gpus, needs=(stage2.id,), env=env, outputs=(os.path.join(ckpt, "kd_args.json"),),
-                 port=True)
+                 port=True, scratch=(env["CKPT_PATH"],))
     return [stage2, train], ckpt, folder
 
 
@@ -299,6 +305,8 @@ def main(argv):
     for flag in ("seeds", "train_gpus", "eval_gpus", "num", "eval_num", "pine_batch", "bench_num"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
+    if args.stop_after is not None and args.stop_after < 0:
+        raise UserError(f"--stop_after must be at least 0 seconds, got {args.stop_after}")
     if min(args.bench_batch) < 1:
         raise UserError("--bench_batch: batch sizes must be at least 1")
     if args.p2d_checkpoint:
@@ -325,14 +333,24 @@ def main(argv):
     os.makedirs(args.out, exist_ok=True)
     print(f"{len(steps)} steps, {len(done)} done earlier" + (f", {len(unneeded)} no longer needed (what needs them is done)"
           if unneeded else "") + f"; logs in {os.path.join(args.out, 'logs')}", flush=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    # Not in the steps' recorded configs: when to stop does not change what a step computes.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+               LOAD_CHECKPOINT="1")
+    stop_at = None if args.stop_after is None else time.time() + args.stop_after
+    if stop_at is not None:
+        env["STOP_AT"] = f"{stop_at:.0f}"
     status = run_steps(steps, gpus, process_launcher(args.out, ROOT, env, args.port), done=done,
-                       log=lambda line: print(line, flush=True))
+                       log=lambda line: print(line, flush=True), stop_at=stop_at)
     print(write_table(args.out, args.experiment, sets, labels, pairs))
     failed = sorted(sid for sid, s in status.items() if s in ("failed", "skipped"))
     if failed:
         print(f"error: {len(failed)} steps failed or were skipped: {', '.join(failed)} (logs/STEP.log)", file=sys.stderr)
         return 1
+    left = [sid for sid, s in status.items() if s in ("paused", "waiting")]
+    if left:
+        print(f"stopped at --stop_after: {len(left)} steps left ({sum(status[s] == 'paused' for s in left)} "
+              f"paused in a checkpoint); run the same command again to go on")
+        return PAUSED_EXIT
     return 0
 
 

@@ -44,12 +44,19 @@ GRAD_CKPT=${GRAD_CKPT:-1}
 
 GROUP_BY_EXAMPLE=${GROUP_BY_EXAMPLE:-0}          # 1: an example's copies share a micro-batch (--group_by_example)
 PACKING=${PACKING:-1}                            # 1: a micro-batch's rows run without padding (--packing_samples); 0: padded
+# STOP_AT=UNIX_TIME: pause into a DeepSpeed checkpoint in CKPT_PATH at the first optimizer step after it (exit
+# status 75); the same command again resumes (--stop_at, --load_checkpoint). LOAD_CHECKPOINT=1: resume from
+# CKPT_PATH when it holds a checkpoint, else start. reproduce.py sets both (STOP_AT from its --stop_after).
+STOP_AT=${STOP_AT:-}
+LOAD_CHECKPOINT=${LOAD_CHECKPOINT:-0}
 
 OPTIONAL=()
 if [ "$TEACHER_OFFLOAD" = 1 ]; then OPTIONAL+=(--teacher_offload); fi
 if [ "$GROUP_BY_EXAMPLE" = 1 ]; then OPTIONAL+=(--group_by_example); fi
 if [ "$PACKING" = 1 ]; then OPTIONAL+=(--packing_samples); fi
 if [ "$GRAD_CKPT" = 1 ]; then OPTIONAL+=(--gradient_checkpointing); fi
+if [ -n "$STOP_AT" ]; then OPTIONAL+=(--stop_at "$STOP_AT"); fi
+if [ -n "$STOP_AT" ] || [ "$LOAD_CHECKPOINT" = 1 ]; then OPTIONAL+=(--load_checkpoint); fi
 
 if ! command -v deepspeed > /dev/null; then
     echo "error: the deepspeed launcher is not on PATH (scripts/setup.sh installs it; with pip --target, add its bin/)" >&2

@@ -19,6 +19,7 @@ if __name__ == "__main__" and not __package__:
     # from the repository root rather than the sibling files in kd/.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from kd.resume import PAUSED_EXIT, TrainingPaused, check_data_order, data_order
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.flag_types import harden_numbers
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--max_ckpt_num", type=int, default=3, help="DeepSpeed checkpoints kept in --ckpt_path")
     ckpt.add_argument("--max_ckpt_mem", type=float, default=1e8, help="GiB of DeepSpeed checkpoints kept in --ckpt_path")
     ckpt.add_argument("--load_checkpoint", action="store_true", help="resume from the latest checkpoint in --ckpt_path")
+    ckpt.add_argument("--stop_at", type=float, default=None, metavar="UNIX_TIME",
+                      help="the first optimizer step to end after this time writes a checkpoint to --ckpt_path and "
+                           "the run exits with status 75; rerun with --load_checkpoint to go on (default: never)")
     ckpt.add_argument("--save_hf_ckpt", action="store_true", help="also save an HF folder per checkpoint")
     ckpt.add_argument("--disable_ds_ckpt", action="store_true", help="no DeepSpeed checkpoints (only HF ones with --save_hf_ckpt)")
     ckpt.add_argument("--check_saved_logits", action="store_true",
@@ -145,6 +149,8 @@ def parse_args(argv):
             raise UserError(f"--{flag} must be in [0, 1], got {getattr(args, flag)}")
     if args.l2 < 0 or args.max_norm < 0 or not all(0 <= b < 1 for b in args.adam_betas):
         raise UserError("--l2 and --max_norm must be non-negative and --adam_betas in [0, 1)")
+    if args.stop_at is not None and args.disable_ds_ckpt:
+        raise UserError("--stop_at pauses into a DeepSpeed checkpoint; it cannot go with --disable_ds_ckpt")
     args.teacher_model = args.teacher_model or args.pretrain
     args.run_name = checkpoint_name(args.dataset, args.kd_coef, args.perserve, args.seed)
     args.output_dir = os.path.join(args.save_path, args.run_name)
@@ -231,28 +237,6 @@ def load_training_data(args):
     return dataset_path, rows, dataset
 
 
-def data_order(args, dataset_path: str, usable_rows: int, world_size: int) -> dict:
-    """What decides which rows each optimizer step sees; a resumed run must match it."""
-    order = {"dataset": os.path.abspath(dataset_path), "usable_rows": usable_rows, "seed": args.seed,
-             "train_batch_size": args.train_batch_size, "micro_train_batch_size": args.micro_train_batch_size,
-             "processes": world_size}
-    if args.group_by_example:  # only when set: checkpoints from before the flag stay resumable
-        order["group_by_example"] = True
-    return order
-
-
-def check_data_order(saved, current: dict, ckpt_path: str) -> None:
-    """A checkpoint from a run with other data or batching would resume at the wrong rows."""
-    if saved is None:  # a checkpoint written before the order was recorded
-        return
-    changed = [f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in current if saved.get(key) != current[key]]
-    if changed:
-        raise UserError(
-            f"--load_checkpoint: {ckpt_path} was saved by a run with another data order ({'; '.join(changed)}); "
-            f"resume with the same flags and processes, or use another --ckpt_path"
-        )
-
-
 def claim_save_path(args) -> None:
     """The model folder's checks and lock, before any data or model is loaded."""
     from kd.pair_dataset import resolve_dataset_path
@@ -263,7 +247,7 @@ def claim_save_path(args) -> None:
     check_replaceable(args.output_dir, args.overwrite, MODEL_FILES)
     if int(os.environ.get("RANK", "0")) == 0:  # one lock per run: rank 0 writes the folder
         claim_output(args.output_dir, inputs, folder=True, flag="--save_path")
-        if args.load_checkpoint or (args.save_steps > 0 and not args.disable_ds_ckpt):
+        if args.load_checkpoint or args.stop_at is not None or (args.save_steps > 0 and not args.disable_ds_ckpt):
             # DeepSpeed checkpoints: two runs on one --ckpt_path (a default) would interleave steps
             claim_output(args.ckpt_path, inputs, folder=True, flag="--ckpt_path")
 
@@ -392,9 +376,13 @@ def train(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     claim_save_path(args)
-    train(args)
+    try:
+        train(args)
+    except TrainingPaused as paused:
+        print(paused, flush=True)
+        return PAUSED_EXIT
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(run_cli(main))

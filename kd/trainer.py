@@ -8,6 +8,7 @@ from pos2distill.progress import progress_bar
 from . import flash_attn_fallback
 from .example_sampler import ExampleGroupedSampler
 from .losses import LOSS_NAMES, DistillationLoss, adaptive_scale, adaptive_step_weights, student_teacher_logits
+from .resume import pause, stop_due
 
 flash_attn_fallback.import_openrlhf()
 
@@ -179,6 +180,12 @@ class Pos2DistillTrainer(KDTrainer):
                 client_states = {"consumed_samples": global_step * args.train_batch_size,
                                  "skipped_steps": self.skipped_steps, "data_order": getattr(args, "data_order", None)}
                 self.save_logs_and_checkpoints(args, global_step, step_bar, logs, client_states)
+                total_steps = steps_per_epoch * self.epochs
+                if global_step < total_steps and stop_due(self.strategy, getattr(args, "stop_at", None)):
+                    step_bar.close()
+                    self._close_loggers()
+                    saved_now = global_step % args.save_steps == 0 and not args.disable_ds_ckpt
+                    pause(self.strategy, self.model.model, args, global_step, total_steps, client_states, saved_now)
                 if consecutive_skips >= self.max_consecutive_skips:
                     self._close_loggers()
                     raise TrainingAborted(

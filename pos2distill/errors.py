@@ -9,6 +9,10 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, err
                       errno.ENOTDIR, errno.EISDIR}
 
 
+# A run that stopped on purpose to be resumed (EX_TEMPFAIL): train_kd.py --stop_at, reproduce.py --stop_after.
+PAUSED_EXIT = 75
+
+
 class UserError(Exception):
     """A problem with the user's input (file, field or flag), reported in one line."""
 

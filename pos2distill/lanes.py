@@ -4,18 +4,20 @@ A step is one command (a stage CLI or train_nq.sh). It holds ``gpus`` GPUs while
 CPU step); no GPU runs two steps at once. A step starts once the steps it needs have succeeded;
 a failed step skips everything that needs it, the others go on. A step that succeeded leaves
 ``{out}/steps/{id}.json`` with its config (command and environment, paths relative to the
-output folder): a later run skips it if the config is the same and refuses if it changed.
+output folder): a later run skips it if the config is the same and refuses if it changed. A step
+that exits with ``PAUSED_EXIT`` stopped to be resumed: what needs it waits for a later run.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from .errors import PAUSED_EXIT, UserError
 from .jsonl import write_text_atomic
 
 
@@ -29,6 +31,7 @@ class Step:
     outputs: tuple = ()  # paths that exist once it succeeded
     port: bool = False  # a DeepSpeed launch: gets its own MASTER_PORT
     final: bool = False  # its outputs are read after the run (the table): needed until done
+    scratch: tuple = ()  # folders it may leave for its own resume (checkpoints): removed once it succeeded
 
 
 def step_config(step: Step, out: str, root: str) -> dict:
@@ -93,13 +96,14 @@ def unneeded_steps(steps: list, done) -> set:
 
 
 def run_steps(steps: list, gpu_ids: list, launch, done=(), cpu_slots: int = 1, poll_s: float = 1.0,
-              log=print) -> dict:
+              log=print, stop_at: float = None) -> dict:
     """Run ``steps`` (in list order as resources allow); returns ``{id: status}``.
 
     ``launch(step, gpus)`` starts a step on the given GPU ids and returns a handle whose
     ``poll()`` is None while it runs, then its exit status, and which has ``terminate()``.
     Status: ``done`` (earlier run), ``unneeded`` (see ``unneeded_steps``), ``ok``, ``failed``,
-    ``skipped`` (a needed step failed)."""
+    ``skipped`` (a needed step failed), ``paused`` (it exited with ``PAUSED_EXIT``), ``waiting``
+    (not started: a needed step paused, or ``stop_at``, a ``time.time()``, had passed)."""
     status = {sid: "done" for sid in done}
     status.update({sid: "unneeded" for sid in unneeded_steps(steps, done)})
     by_id = {s.id: s for s in steps}
@@ -118,6 +122,11 @@ def run_steps(steps: list, gpu_ids: list, launch, done=(), cpu_slots: int = 1, p
                     pending.remove(step)
                     log(f"skipped {step.id}: a step it needs failed")
                     continue
+                if any(status.get(n) in ("paused", "waiting") for n in step.needs) or (
+                        stop_at is not None and time.time() >= stop_at):
+                    status[step.id] = "waiting"  # for the next run
+                    pending.remove(step)
+                    continue
                 if not all(status.get(n) in ("done", "ok") for n in step.needs):
                     continue
                 cpu_busy = sum(1 for s, _, _ in running.values() if s.gpus == 0)
@@ -132,8 +141,9 @@ def run_steps(steps: list, gpu_ids: list, launch, done=(), cpu_slots: int = 1, p
             for sid, rc in finished:
                 _, taken, _ = running.pop(sid)
                 free = sorted(free + taken)  # the caller's order
-                status[sid] = "ok" if rc == 0 else "failed"
-                log(f"{'done' if rc == 0 else f'FAILED (exit {rc})'} {sid}")
+                status[sid] = {0: "ok", PAUSED_EXIT: "paused"}.get(rc, "failed")
+                log({"ok": f"done {sid}", "paused": f"paused {sid} (run again to resume it)"}.get(
+                    status[sid], f"FAILED (exit {rc}) {sid}"))
             if not finished and running:
                 time.sleep(poll_s)
     finally:  # stopped (Ctrl-C) or an error: no step outlives the driver
@@ -164,6 +174,8 @@ class Process:
             return 1
         if rc == 0:
             mark_done(self.step, self.out, self.root, time.time() - self.began)
+            for path in self.step.scratch:  # a finished training's resume checkpoints (GBs)
+                shutil.rmtree(path, ignore_errors=True)
         return rc
 
     def terminate(self):

@@ -141,3 +141,34 @@ def test_steps_whose_users_are_done_are_not_run_again():
     # without final steps, a whole done chain settles back to its start
     plain = experiment(rows=("a",))
     assert unneeded_steps(plain, {"eval-base", "compare-a"}) == {"eval-a", "train-a", "stage1"}
+
+
+def test_a_paused_step_leaves_what_needs_it_waiting_and_the_rest_runs():
+    world, launch = fake_world(rc={"train-b": 75})
+    status = run_steps(experiment(), ["0"], launch, poll_s=0, log=lambda _: None)
+    assert status["train-b"] == "paused"
+    assert status["eval-b"] == status["compare-b"] == "waiting"
+    assert "eval-b" not in [s for s, _, _ in world["started"]]
+    assert status["compare-a"] == status["compare-c"] == "ok"
+
+
+def test_no_step_starts_after_stop_at():
+    world, launch = fake_world()
+    status = run_steps(experiment(), ["0"], launch, poll_s=0, log=lambda _: None, stop_at=0.0)
+    assert set(status.values()) == {"waiting"} and world["started"] == []
+
+
+def test_a_steps_scratch_is_removed_once_it_succeeded_only(tmp_path):
+    import sys
+
+    from pos2distill.lanes import process_launcher
+
+    launch = process_launcher(str(tmp_path / "out"), str(tmp_path), {})
+    for rc, kept in ((75, True), (0, False)):
+        scratch = tmp_path / f"ckpt{rc}"
+        (scratch / "global_step1").mkdir(parents=True)
+        step = Step(f"train{rc}", [sys.executable, "-c", f"raise SystemExit({rc})"], scratch=(str(scratch),))
+        handle = launch(step, [])
+        while (code := handle.poll()) is None:
+            pass
+        assert code == rc and scratch.exists() == kept

@@ -120,3 +120,30 @@ def test_dry_run_lists_the_plan_and_bad_input_is_refused(tmp_path, tiny_model):
     assert not out.exists()
     proc = reproduce("kv", "--model", tiny_model, "--data", str(data), timeout=60)
     assert proc.returncode == 2 and "--kv_data" in proc.stderr
+
+
+def test_a_paused_training_resumes_in_the_next_run_and_its_checkpoint_goes(tmp_path, tiny_model):
+    # STOP_AT in the past: each run's training writes a DeepSpeed checkpoint after one optimizer
+    # step and pauses (reproduce.py exits 75, what needs it waits); the next run resumes it from
+    # there (LOAD_CHECKPOINT) and the run that finishes it removes the checkpoint
+    data = tmp_path / "nq-open-3_total_documents.jsonl.gz"
+    write_jsonl(str(data), [record(i) for i in range(10)])
+    out = tmp_path / "out"
+    args = tiny_run("table3", tiny_model, data, out) + ["--rows", "p2d", "--train_env", "STOP_AT=1"]
+    ckpt = out / "checkpoints" / "p2d-seed42" / "_deepspeed_ckpt"
+    late = reproduce(*args, "--stop_after", "0", timeout=60)  # past its stop: no step starts
+    assert late.returncode == 75 and "start " not in late.stdout and "steps left (0 paused" in late.stdout
+    for expected_step in (1, 2):
+        proc = reproduce(*args)
+        assert proc.returncode == 75, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "paused train-p2d-seed42" in proc.stdout and "run the same command again to go on" in proc.stdout
+        assert (ckpt / "latest").read_text() == f"global_step{expected_step}"
+        assert not (out / "steps" / "eval-p2d-seed42-nq3.json").exists()
+    log = (out / "logs" / "train-p2d-seed42.log").read_text()
+    assert "resumed from" in log and "2 samples consumed" in log
+    proc = reproduce(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "steps" / "eval-p2d-seed42-nq3.json").exists() and not ckpt.exists()
+    assert "4 samples consumed" in (out / "logs" / "train-p2d-seed42.log").read_text()
+    stopped = reproduce(*args, "--stop_after", "0", timeout=60)  # everything is done: nothing is left to stop
+    assert stopped.returncode == 0 and "start " not in stopped.stdout

@@ -211,7 +211,8 @@ def test_train_nq_sh_lets_the_launcher_take_cuda_visible_devices(tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_with_another_data_order():
-    from kd.train_kd import check_data_order, data_order, parse_args
+    from kd.resume import check_data_order, data_order
+    from kd.train_kd import parse_args
     from pos2distill.errors import UserError
 
     args = parse_args(["--dataset", "d", "--pretrain", "m", "--train_batch_size", "8", "--micro_train_batch_size", "2"])
@@ -333,6 +334,30 @@ def test_resume_continues_the_same_data_order(trained, tiny_model):
     assert code == 0, output[-5000:]
     assert "4 samples consumed" in output
     resumed = load_state(str(base / "resumed" / "save" / RUN))
+    straight = load_state(str(out / "save" / RUN))
+    for name in straight:
+        assert torch.allclose(resumed[name], straight[name], atol=1e-6), name
+
+
+def test_stop_at_pauses_into_a_checkpoint_and_the_rerun_ends_at_the_same_weights(trained, tiny_model):
+    # --stop_at in the past: the first optimizer step writes a checkpoint and the run exits 75
+    # without a model folder; the same command with --load_checkpoint ends where the run never
+    # stopped did (`trained`: 3 steps straight through)
+    assert trained["code"] == 0, trained["output"][-3000:]
+    base, out = trained["base"], trained["out"]
+    flags = train_flags(tiny_model, base / "data", base / "paused")
+    code, output = run(deepspeed_cmd(PROCS) + flags + ["--stop_at", "1"], base)
+    assert code == 75, output[-5000:]
+    assert "paused at --stop_at after optimizer step 1 of 3" in output
+    ckpt = base / "paused" / "ckpt"
+    assert (ckpt / "latest").read_text() == "global_step1"
+    assert not (base / "paused" / "save" / RUN).exists()
+    code, output = run(deepspeed_cmd(PROCS) + flags + ["--stop_at", "1", "--load_checkpoint"], base)
+    assert code == 75 and "after optimizer step 2 of 3" in output, output[-5000:]
+    code, output = run(deepspeed_cmd(PROCS) + flags + ["--load_checkpoint"], base)
+    assert code == 0, output[-5000:]
+    assert "8 samples consumed" in output
+    resumed = load_state(str(base / "paused" / "save" / RUN))
     straight = load_state(str(out / "save" / RUN))
     for name in straight:
         assert torch.allclose(resumed[name], straight[name], atol=1e-6), name
