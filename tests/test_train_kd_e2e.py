@@ -89,6 +89,14 @@ def load_state(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
 
 
+def assert_same_weights(resumed_folder, straight_folder):
+    """A resumed run's saved weights against those of a run never stopped (fp32 on CPU)."""
+    resumed, straight = load_state(str(resumed_folder)), load_state(str(straight_folder))
+    assert resumed.keys() == straight.keys()
+    for name in straight:
+        assert torch.allclose(resumed[name], straight[name], atol=1e-6), name
+
+
 # --------------------------------------------------------------------------- data and imports
 
 
@@ -333,10 +341,7 @@ def test_resume_continues_the_same_data_order(trained, tiny_model):
     code, output = run(deepspeed_cmd(PROCS) + flags + ["--load_checkpoint"], base)
     assert code == 0, output[-5000:]
     assert "4 samples consumed" in output
-    resumed = load_state(str(base / "resumed" / "save" / RUN))
-    straight = load_state(str(out / "save" / RUN))
-    for name in straight:
-        assert torch.allclose(resumed[name], straight[name], atol=1e-6), name
+    assert_same_weights(base / "resumed" / "save" / RUN, out / "save" / RUN)
 
 
 def test_stop_at_pauses_into_a_checkpoint_and_the_rerun_ends_at_the_same_weights(trained, tiny_model):
@@ -357,7 +362,4 @@ def test_stop_at_pauses_into_a_checkpoint_and_the_rerun_ends_at_the_same_weights
     code, output = run(deepspeed_cmd(PROCS) + flags + ["--load_checkpoint"], base)
     assert code == 0, output[-5000:]
     assert "8 samples consumed" in output
-    resumed = load_state(str(base / "paused" / "save" / RUN))
-    straight = load_state(str(out / "save" / RUN))
-    for name in straight:
-        assert torch.allclose(resumed[name], straight[name], atol=1e-6), name
+    assert_same_weights(base / "paused" / "save" / RUN, out / "save" / RUN)

@@ -345,7 +345,8 @@ fi
 # T: reproduce.py experiments, a few steps per session, resumed across sessions from what comes back
 # (steps/, evaluate/, compare/, stage 1's raw_data/; no checkpoints). After the chunk calls (wheels, the
 # model, data), with the previous session's $OUT/results_SIZE.tgz carried as .carry/runs/results_SIZE.tgz.
-#   issue 16: EXP=table3 SIZE=15 [ROWS=base,p2d, then seqkd,kl,align,kl_anchor] (3 seeds per trained row)
+#   issue 16: EXP=table3 SIZE=15 [ROWS=base,p2d, then seqkd,kl,align,kl_anchor] (3 seeds per trained row);
+#     T_ARGS: more reproduce.py flags (e.g. "--micro_batch 8" if micro-batch 32 does not fit at 1.5B: unmeasured)
 #   issue 19: EXP=pine SIZE=05 (and 15) SEEDS=1: base, PINE, Pos2Distill, Pos2Distill + PINE, PINE's cost.
 #   One output folder per model, so table3 and pine share stage 1 and the p2d trainings; run pine's
 #   p2d_pine rows in the session that trains p2d (their checkpoint does not come back).
@@ -359,14 +360,17 @@ if [ "$PART" = T ]; then
     *) echo "SIZE must be 05 or 15" >&2; exit 2 ;;
   esac
   RUN=$W/runs_$SIZE
-  if [ -f ".carry/runs/results_$SIZE.tgz" ]; then
+  if [ -f ".carry/runs/results_$SIZE.tgz" ] && [ ! -d "$RUN/steps" ]; then  # a later call of the session has newer ones
     mkdir -p "$RUN" && tar -xzf ".carry/runs/results_$SIZE.tgz" -C "$RUN" && note "resumed: $(ls "$RUN/steps" | wc -l) steps done earlier"
   fi
   left=$(( DEADLINE - $(date +%s) - 25 ))
   note "reproduce.py $EXP, ${ROWS:-all rows}, ${SEEDS:-3} seed(s), $left s"
-  # SIGINT: reproduce.py stops its running steps (each in its own process group) before it exits
+  # --stop_after: no step starts later and a training pauses into a checkpoint (a 1.5B one: ~21 GB, ~30 s),
+  # kept on this machine for the session's next T call (exit 75). SIGINT at the end is the backstop: reproduce.py
+  # stops its running steps (each in its own process group) before it exits.
   timeout -s INT -k 20 "$left" python3 reproduce.py "$EXP" --model "$MX" --data "$DATA" --out "$RUN" \
-      ${ROWS:+--rows "$ROWS"} --seeds "${SEEDS:-3}" --gpus 0 2>&1 | grep --line-buffered -v "it/s\]$" | tee -a "$LOG"
+      ${ROWS:+--rows "$ROWS"} --seeds "${SEEDS:-3}" --gpus 0 ${T_ARGS:-} --stop_after $(( left - ${PAUSE_MARGIN_S:-100} )) 2>&1 \
+      | grep --line-buffered -v "it/s\]$" | tee -a "$LOG"
   tar -czf "$OUT/results_$SIZE.tgz" -C "$RUN" $(cd "$RUN" && ls -d steps evaluate compare raw_data table.md table.json 2>/dev/null)
   tar -czf "$OUT/logs_$SIZE.tgz" -C "$RUN" logs 2>/dev/null
   note "part T done: $(ls "$RUN/steps" | wc -l) steps done; results_$SIZE.tgz $(stat -c%s "$OUT/results_$SIZE.tgz") bytes"
