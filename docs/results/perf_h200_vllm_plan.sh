@@ -342,6 +342,24 @@ if [ "$PART" = N4 ]; then
   note "part N4 done"
   exit 0
 fi
+# R (2026-12-04, third session; after the chunk calls of the wheels, the 0.5B model and data only): the
+# same-flow pair on a fresh machine (no compile caches: fixed_a gets the first start's ~135 s and the top-p
+# JIT), the caches back as $OUT/cache_*.tgz, then part T (EXP=pine SIZE=05) with the call's remaining time.
+if [ "$PART" = R ]; then
+  finish Qwen2.5-Coder-0.5B-Instruct.gguf 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 || exit 1
+  step convert05 120 "${CONVERT[@]}" "$M/Qwen2.5-Coder-0.5B-Instruct.gguf" "$M05"
+  for run in fixed_a fixed_b; do
+    step s1_vllm_05_$run $([ $run = fixed_a ] && echo 320 || echo 150) env MODEL="$M05" INPUT_PATH="$DATA" BACKEND=vllm \
+        GOLD_DOC=0 bash gen_advantageous_pos_for_R1.sh --limit 1200 --output-path "$W/raw_vllm_$run"
+  done
+  FA=$(s1file "$W/raw_vllm_fixed_a" Qwen2.5-Coder-0.5B-Instruct); FB=$(s1file "$W/raw_vllm_fixed_b" Qwen2.5-Coder-0.5B-Instruct)
+  note "content sha256: fixed_a $(content_sha "$FA"), fixed_b $(content_sha "$FB")"
+  note "fixed_a vs fixed_b:"; differ "$FA" "$FB"
+  fixed_answers raw_vllm_fixed_a raw_vllm_fixed_b
+  tar -czf "$OUT/results_R.tgz" -C "$W" $(cd "$W" && ls -d raw_vllm_fixed*__*.jsonl raw_vllm_fixed*/nq/*.summary.json 2>/dev/null)
+  save_caches
+  PART=T EXP=pine SIZE=05  # falls through to part T below
+fi
 # T: reproduce.py experiments, a few steps per session, resumed across sessions from what comes back
 # (steps/, evaluate/, compare/, stage 1's raw_data/; no checkpoints). After the chunk calls (wheels, the
 # model, data), with the previous session's $OUT/results_SIZE.tgz carried as .carry/runs/results_SIZE.tgz.
@@ -364,6 +382,7 @@ if [ "$PART" = T ]; then
     mkdir -p "$RUN" && tar -xzf ".carry/runs/results_$SIZE.tgz" -C "$RUN" && note "resumed: $(ls "$RUN/steps" | wc -l) steps done earlier"
   fi
   left=$(( DEADLINE - $(date +%s) - 25 ))
+  [ $(( left - ${PAUSE_MARGIN_S:-100} )) -ge 30 ] || { note "part T: skipped, $left s left"; exit 0; }
   note "reproduce.py $EXP, ${ROWS:-all rows}, ${SEEDS:-3} seed(s), $left s"
   # --stop_after: no step starts later and a training pauses into a checkpoint (a 1.5B one: ~21 GB, ~30 s),
   # kept on this machine for the session's next T call (exit 75). SIGINT at the end is the backstop: reproduce.py
