@@ -164,22 +164,37 @@ def training_steps(args, variant, seed, stage1, dataset, model):
                   + ([] if filtered else ["--no_filter"]), needs=(stage1.id,), outputs=(folder,))
     save = os.path.join(args.out, "checkpoints", f"{variant}-seed{seed}")
     ckpt = os.path.join(save, checkpoint_name(folder, parse_kd_coef(v["kd_coef"]), args.perserve, seed))
+    own_ckpt = os.path.join(save, "_deepspeed_ckpt")
     env = {"MODEL": args.model, "DATASET": folder, "DATA_ROOT": data_dir, "DATASET_NAME": dataset,
-           "SAVE_PATH": save, "CKPT_PATH": os.path.join(save, "_deepspeed_ckpt"),
+           "SAVE_PATH": save, "CKPT_PATH": own_ckpt,
            "TENSORBOARD": os.path.join(args.out, "tensorboard"), "KD_COEF": v["kd_coef"], "LR": args.lr,
            "PERSERVE": str(args.perserve), "EPOCHS": str(args.epochs), "TRAIN_BATCH": str(args.train_batch),
            "MICRO_BATCH": str(args.micro_batch or max(1, args.train_batch // args.train_gpus)),
            "MAX_LEN": str(args.max_len), "NUM_GPUS": str(args.train_gpus), "TEACHER_OFFLOAD": "0"}
-    for item in args.train_env:
+    given = train_env(args.train_env)
+    env.update(given)
+    # a paused training resumes from CKPT_PATH (train_nq.sh: LOAD_CHECKPOINT, STOP_AT from the driver's env)
+    train = Step(f"train-{variant}-seed{seed}", ["bash", os.path.join(ROOT, "train_nq.sh"), "--seed", str(seed)],
+                 gpus=args.train_gpus, needs=(stage2.id,), env=env, outputs=(os.path.join(ckpt, "kd_args.json"),),
+                 port=True, scratch=checkpoint_scratch(own_ckpt, given))
+    return [stage2, train], ckpt, folder
+
+
+def train_env(items) -> dict:
+    """--train_env VAR=VALUE items as a dict."""
+    env = {}
+    for item in items:
         var, eq, value = item.partition("=")
         if not eq or not var.isidentifier():
             raise UserError(f"--train_env {item!r}: expected VAR=VALUE")
         env[var] = value
-    # a paused training resumes from CKPT_PATH (train_nq.sh: LOAD_CHECKPOINT, STOP_AT from the driver's env)
-    train = Step(f"train-{variant}-seed{seed}", ["bash", os.path.join(ROOT, "train_nq.sh"), "--seed", str(seed)],
-                 gpus=args.train_gpus, needs=(stage2.id,), env=env, outputs=(os.path.join(ckpt, "kd_args.json"),),
-                 port=True, scratch=(env["CKPT_PATH"],))
-    return [stage2, train], ckpt, folder
+    return env
+
+
+def checkpoint_scratch(own_ckpt: str, given: dict) -> tuple:
+    """What a finished training may have removed: only the checkpoint folder reproduce.py chose
+    under --out; a CKPT_PATH the user gave (``.``, SAVE_PATH, their own folder) may hold their data."""
+    return () if "CKPT_PATH" in given else (own_ckpt,)
 
 
 def eval_step(args, label, model_path, evalset, needs, train_dataset=None, inference="plain"):
@@ -293,6 +308,17 @@ def describe(step, done, unneeded=frozenset()) -> str:
     return f"[{state}] {step.id} ({where}{needs})\n    {env + ' ' if env else ''}{shlex.join(argv)}"
 
 
+def steps_environ(environ, stop_at) -> dict:
+    """The environment every step starts from (a step's own env goes on top). Not in the steps'
+    recorded configs: when to stop does not change what a step computes."""
+    env = dict(environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, environ.get("PYTHONPATH")])),
+               LOAD_CHECKPOINT="1")
+    env.pop("STOP_AT", None)  # an outer shell's STOP_AT would pause trainings no --stop_after asked for
+    if stop_at is not None:
+        env["STOP_AT"] = f"{stop_at:.0f}"
+    return env
+
+
 def main(argv):
     args = parse_args(argv)
     if args.experiment == "list":
@@ -333,12 +359,8 @@ def main(argv):
     os.makedirs(args.out, exist_ok=True)
     print(f"{len(steps)} steps, {len(done)} done earlier" + (f", {len(unneeded)} no longer needed (what needs them is done)"
           if unneeded else "") + f"; logs in {os.path.join(args.out, 'logs')}", flush=True)
-    # Not in the steps' recorded configs: when to stop does not change what a step computes.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
-               LOAD_CHECKPOINT="1")
     stop_at = None if args.stop_after is None else time.time() + args.stop_after
-    if stop_at is not None:
-        env["STOP_AT"] = f"{stop_at:.0f}"
+    env = steps_environ(os.environ, stop_at)
     status = run_steps(steps, gpus, process_launcher(args.out, ROOT, env, args.port), done=done,
                        log=lambda line: print(line, flush=True), stop_at=stop_at)
     print(write_table(args.out, args.experiment, sets, labels, pairs))

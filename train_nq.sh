@@ -56,7 +56,11 @@ if [ "$GROUP_BY_EXAMPLE" = 1 ]; then OPTIONAL+=(--group_by_example); fi
 if [ "$PACKING" = 1 ]; then OPTIONAL+=(--packing_samples); fi
 if [ "$GRAD_CKPT" = 1 ]; then OPTIONAL+=(--gradient_checkpointing); fi
 if [ -n "$STOP_AT" ]; then OPTIONAL+=(--stop_at "$STOP_AT"); fi
-if [ -n "$STOP_AT" ] || [ "$LOAD_CHECKPOINT" = 1 ]; then OPTIONAL+=(--load_checkpoint); fi
+if [ -n "$STOP_AT" ] || [ "$LOAD_CHECKPOINT" = 1 ]; then
+    # one pause checkpoint is enough to resume (a new one is complete before the old goes, kd/strategy.py);
+    # a --max_ckpt_num among the extra arguments comes later and wins
+    OPTIONAL+=(--load_checkpoint --max_ckpt_num 1)
+fi
 
 if ! command -v deepspeed > /dev/null; then
     echo "error: the deepspeed launcher is not on PATH (scripts/setup.sh installs it; with pip --target, add its bin/)" >&2

@@ -1,4 +1,4 @@
-"""Resuming stage 3: the data order a checkpoint must match, and pausing at a deadline.
+"""Resuming stage 3: the data order and settings a checkpoint must match, and pausing at a deadline.
 
 ``--stop_at T`` (seconds since the epoch) lets a training run in calls shorter than itself: the
 first optimizer step that ends after T writes a DeepSpeed checkpoint to ``--ckpt_path`` and the
@@ -37,6 +37,41 @@ def check_data_order(saved, current: dict, ckpt_path: str) -> None:
             f"--load_checkpoint: {ckpt_path} was saved by a run with another data order ({'; '.join(changed)}); "
             f"resume with the same flags and processes, or use another --ckpt_path"
         )
+
+
+# Flags that change what the remaining steps compute: models, losses, optimizer, schedule, LoRA.
+SETTINGS = ("pretrain", "teacher_model", "kd_coef", "perserve", "temperature", "rank_top_k", "adaptive_legacy_scale",
+            "learning_rate", "lr_scheduler", "lr_warmup_ratio", "min_lr_ratio", "l2", "adam_betas", "max_norm",
+            "max_epochs", "lora_rank")
+LORA_SETTINGS = ("lora_alpha", "lora_dropout", "target_modules")  # only with --lora_rank > 0
+
+
+def run_settings(args) -> dict:
+    """The settings a resumed run must share with the checkpoint (models already resolved)."""
+    settings = {key: getattr(args, key) for key in SETTINGS + (LORA_SETTINGS if args.lora_rank > 0 else ())}
+    for key in ("pretrain", "teacher_model"):  # a local folder by where it is, not how it was spelled
+        if os.path.exists(settings[key]):
+            settings[key] = os.path.abspath(settings[key])
+    for key in ("kd_coef", "adam_betas", "target_modules"):  # tuples and lists compare as lists
+        if key in settings:
+            value = settings[key]
+            settings[key] = [value] if isinstance(value, str) else list(value)
+    return settings
+
+
+def check_run_settings(saved, current: dict, ckpt_path: str) -> None:
+    """A checkpoint resumed under other models, losses or schedule would end at weights no run
+    with either flags produces (DeepSpeed also restores the old optimizer hyperparameters)."""
+    if saved is None:
+        # Written before settings were recorded: accepted (with a warning in train_kd.py), so a run
+        # paused by the previous version is not thrown away; its data order is still checked.
+        return
+    for key in dict.fromkeys([*current, *saved]):
+        if saved.get(key) != current.get(key):
+            raise UserError(
+                f"--load_checkpoint: {ckpt_path} was saved by a run with --{key} {saved.get(key)!r}, this run has "
+                f"{current.get(key)!r}; resume with the same flags, or use another --ckpt_path"
+            )
 
 
 def stop_due(strategy, stop_at) -> bool:

@@ -13,7 +13,9 @@ import atexit
 import logging
 import os
 import shutil
+import signal
 import socket
+import sys
 import warnings
 from datetime import timedelta
 
@@ -77,6 +79,10 @@ def _remove_shm_buffer_at_exit(rank: int) -> None:
             pass
 
     atexit.register(remove)
+    # A rank the launcher stops (another rank failed, or a timeout) gets SIGTERM, whose default
+    # action skips atexit: turn it into a normal exit so the buffer goes too.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 class _DropUntestedOptimizer(logging.Filter):

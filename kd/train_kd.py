@@ -19,7 +19,7 @@ if __name__ == "__main__" and not __package__:
     # from the repository root rather than the sibling files in kd/.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from kd.resume import PAUSED_EXIT, TrainingPaused, check_data_order, data_order
+from kd.resume import PAUSED_EXIT, TrainingPaused, check_data_order, check_run_settings, data_order, run_settings
 from pos2distill.cli_help import new_parser
 from pos2distill.errors import UserError, run_cli
 from pos2distill.flag_types import harden_numbers
@@ -337,19 +337,26 @@ def train(args) -> None:
     (model, optim, scheduler), teacher = strategy.prepare((model, optim, scheduler), teacher)
     strategy.print(f"timing: optimizer and DeepSpeed engines ready in {lap()}")
 
-    consumed_samples, skipped_steps = 0, 0
+    consumed_samples, skipped_steps, consecutive_skips = 0, 0, 0
     # Saved with every DeepSpeed checkpoint (client state) and compared on resume.
     args.data_order = data_order(args, dataset_path, len(dataset), strategy.world_size)
+    args.run_settings = run_settings(args)
     if args.load_checkpoint and not os.path.isfile(os.path.join(args.ckpt_path, "latest")):
         strategy.print(f"--load_checkpoint: no DeepSpeed checkpoint in {args.ckpt_path} yet, starting from scratch")
     elif args.load_checkpoint:
         _, states = strategy.load_ckpt(model.model, args.ckpt_path)
         check_data_order(states.get("data_order"), args.data_order, args.ckpt_path)
+        if states.get("settings") is None:
+            strategy.print(f"warning: {args.ckpt_path} records no settings (an older run): models, losses and "
+                           "schedule are not checked against this run's")
+        check_run_settings(states.get("settings"), args.run_settings, args.ckpt_path)
         consumed_samples = states["consumed_samples"]
         skipped_steps = states.get("skipped_steps", 0)
+        consecutive_skips = states.get("consecutive_skips", 0)
         strategy.print(f"resumed from {args.ckpt_path}: {consumed_samples} samples consumed")
 
-    trainer = Pos2DistillTrainer(model, teacher, strategy, optim, dataloader, scheduler, tokenizer, args, skipped_steps)
+    trainer = Pos2DistillTrainer(model, teacher, strategy, optim, dataloader, scheduler, tokenizer, args, skipped_steps,
+                                 consecutive_skips)
     trainer.fit(args, consumed_samples, steps_per_epoch)
     strategy.print(f"timing: training loop {lap()}")
 

@@ -31,7 +31,7 @@ class Pos2DistillTrainer(KDTrainer):
     """
 
     def __init__(self, model, teacher_model, strategy, optim, train_dataloader, scheduler, tokenizer, args,
-                 skipped_steps: int = 0):
+                 skipped_steps: int = 0, consecutive_skips: int = 0):
         super().__init__(
             model=model,
             teacher_model=teacher_model,
@@ -62,6 +62,7 @@ class Pos2DistillTrainer(KDTrainer):
         self.max_consecutive_skips = args.max_consecutive_skips
         self.packed = args.packing_samples
         self.skipped_steps = skipped_steps
+        self.consecutive_skips = consecutive_skips  # from the checkpoint: a pause does not reset the streak
         self._finite_flags = []
         for param in self.model.model.parameters():
             if param.requires_grad:
@@ -123,7 +124,6 @@ class Pos2DistillTrainer(KDTrainer):
 
         global_step = consumed_samples // args.train_batch_size
         start_epoch = global_step // steps_per_epoch
-        consecutive_skips = 0
         self.teacher_model.eval()
         self.model.train()
 
@@ -164,10 +164,10 @@ class Pos2DistillTrainer(KDTrainer):
                 global_step += 1
                 if skip:
                     self.skipped_steps += 1
-                    consecutive_skips += 1
+                    self.consecutive_skips += 1
                     self.strategy.print(f"step {global_step}: non-finite loss or gradient, update skipped")
                 else:
-                    consecutive_skips = 0
+                    self.consecutive_skips = 0
                 logs = self.strategy.all_reduce({name: float(v) / accumulation for name, v in sums.items()})
                 sums = {}
                 logs["lr"] = self.scheduler.get_last_lr()[0]
@@ -178,21 +178,24 @@ class Pos2DistillTrainer(KDTrainer):
                 step_bar.set_postfix({k: logs[k] for k in ("total", *LOSS_NAMES, "lr") if k in logs})
                 step_bar.update()
                 client_states = {"consumed_samples": global_step * args.train_batch_size,
-                                 "skipped_steps": self.skipped_steps, "data_order": getattr(args, "data_order", None)}
+                                 "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                                 "data_order": getattr(args, "data_order", None),
+                                 "settings": getattr(args, "run_settings", None)}
                 self.save_logs_and_checkpoints(args, global_step, step_bar, logs, client_states)
+                # Abort before pausing: a run that has to stop for bad steps must not look resumable.
+                if self.consecutive_skips >= self.max_consecutive_skips:
+                    self._close_loggers()
+                    raise TrainingAborted(
+                        f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
+                        f"(up to step {global_step}); stopping. Check the data around these steps, "
+                        f"--learning_rate and --max_len."
+                    )
                 total_steps = steps_per_epoch * self.epochs
                 if global_step < total_steps and stop_due(self.strategy, getattr(args, "stop_at", None)):
                     step_bar.close()
                     self._close_loggers()
                     saved_now = global_step % args.save_steps == 0 and not args.disable_ds_ckpt
                     pause(self.strategy, self.model.model, args, global_step, total_steps, client_states, saved_now)
-                if consecutive_skips >= self.max_consecutive_skips:
-                    self._close_loggers()
-                    raise TrainingAborted(
-                        f"{consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
-                        f"(up to step {global_step}); stopping. Check the data around these steps, "
-                        f"--learning_rate and --max_len."
-                    )
             step_bar.close()
         self._close_loggers()
 

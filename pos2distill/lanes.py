@@ -31,7 +31,8 @@ class Step:
     outputs: tuple = ()  # paths that exist once it succeeded
     port: bool = False  # a DeepSpeed launch: gets its own MASTER_PORT
     final: bool = False  # its outputs are read after the run (the table): needed until done
-    scratch: tuple = ()  # folders it may leave for its own resume (checkpoints): removed once it succeeded
+    scratch: tuple = ()  # folders it may leave for its own resume (checkpoints): removed once it succeeded,
+    # if inside the output folder (removable_scratch)
 
 
 def step_config(step: Step, out: str, root: str) -> dict:
@@ -40,6 +41,23 @@ def step_config(step: Step, out: str, root: str) -> dict:
     config = {"argv": [("python" if a == sys.executable else a) for a in step.argv], "env": step.env, "gpus": step.gpus}
     text = json.dumps(config, ensure_ascii=False)
     return json.loads(text.replace(os.path.abspath(out), "{out}").replace(os.path.abspath(root), "{repo}"))
+
+
+def removable_scratch(step: Step, out: str, root: str) -> list:
+    """The step's scratch folders that may be deleted once it succeeded, as absolute paths.
+
+    A relative one is resolved against ``root``, the steps' working directory (where the command
+    wrote it). Only folders strictly inside ``out`` qualify, and none that holds one of the step's
+    outputs: a scratch path that names the repository, a user's folder or the saved model is kept."""
+    out_real = os.path.realpath(out)
+    outputs = [os.path.realpath(os.path.join(root, p)) for p in step.outputs]
+    removable = []
+    for path in step.scratch:
+        full = os.path.realpath(os.path.join(root, path))
+        inside = full != out_real and os.path.commonpath([full, out_real]) == out_real
+        if inside and not any(os.path.commonpath([full, o]) == full for o in outputs):
+            removable.append(full)
+    return removable
 
 
 def marker_path(out: str, step: Step) -> str:
@@ -174,7 +192,7 @@ class Process:
             return 1
         if rc == 0:
             mark_done(self.step, self.out, self.root, time.time() - self.began)
-            for path in self.step.scratch:  # a finished training's resume checkpoints (GBs)
+            for path in removable_scratch(self.step, self.out, self.root):  # resume checkpoints (GBs)
                 shutil.rmtree(path, ignore_errors=True)
         return rc
 

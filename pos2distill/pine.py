@@ -22,6 +22,7 @@ and each query is rotated once per document; benchmarks/bench_pine.py measures p
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from .errors import UserError
@@ -116,7 +117,7 @@ def build_layout(rows, device, pad_id: int):
             query_pos[row, start : start + n] = torch.arange(end - n, end)
             start += n
     layout = Layout(doc_index, doc_valid, doc_len, doc_pos, plain_index, plain_valid, plain_pos, query_doc, query_pos,
-                    torch.tensor(lengths, dtype=torch.long))
+                    torch.tensor(lengths, dtype=torch.long), torch.tensor([len(p) for p, _, _ in rows], dtype=torch.long))
     for field in layout.__dataclass_fields__:
         setattr(layout, field, getattr(layout, field).to(device))
     return ids.to(device), layout
@@ -211,6 +212,33 @@ def pine_generate(model, rows, *, max_new_tokens: int, eos_ids, pad_id: int, tem
     ``newline_table``: ``generation.base.newline_token_table`` on the device, for the newline stop
     (a newline after some non-whitespace text ends a row, as in ``HFBackend``).
     """
+    import torch
+
+    with half_inputs_on_tf32(model):
+        return _generate(model, rows, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                         temperature=temperature, top_p=top_p, generator=generator, newline_table=newline_table)
+
+
+@contextlib.contextmanager
+def half_inputs_on_tf32(model):
+    """TF32 for PINE's fp32 GEMMs while a bf16/fp16 model runs on a GPU: the score GEMMs' inputs
+    are half-precision values, which TF32 holds exactly; the probabilities of the value GEMMs are
+    rounded to TF32's 10 mantissa bits (bf16 SDPA keeps 7). fp32 models keep full fp32."""
+    import torch
+
+    parameter = next(model.parameters())
+    if parameter.device.type != "cuda" or parameter.dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _generate(model, rows, *, max_new_tokens, eos_ids, pad_id, temperature, top_p, generator, newline_table):
     import torch
 
     device = next(model.parameters()).device

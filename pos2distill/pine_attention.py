@@ -15,14 +15,21 @@ ranked more important than j; the most important one stays last, nearest to the 
   documents' tokens (our choice: the own document is ranked first anyway);
 - the query's own document is ranked first (shift 0, causal inside); ties keep document order
   (the only place input order can matter: exact float ties);
-- a key is visible when its assigned position is <= the query's position, which gives: prefix
-  causal, documents bidirectional between each other and causal inside, suffix sees all.
+- a key is visible when its assigned position is <= the query's position. Because the own
+  document is ranked first, that rule never depends on the shifts: prefix queries see the prefix
+  (causal) and no document; a document query sees its own document causally and every other
+  document fully; suffix and generated tokens see everything (``doc_visibility``).
 
 Queries keep their base positions; a query in document i has its end-packed position. With
 RoPE, ``<R(m) q, R(n - shift) k> = <R(m + shift) q, R(n) k>``: keys are rotated once by their
 base position (so they can be cached) and each query is rotated once per document (k + 1
-copies), never a key per query. Scores and softmax are explicit fp32 matmuls, not SDPA: a
-key's rotation depends on the query. Memory is bounded by chunking the queries.
+copies), never a key per query. Scores are fp32 GEMMs with the softmax scale in the GEMM
+(``_gemm``), not SDPA, because a key's rotation depends on the query; the softmax runs in
+place. With half-precision weights on a GPU ``pine.pine_generate`` lets these GEMMs use TF32:
+the score GEMMs' inputs are bf16/fp16 values, which TF32 holds exactly (only the summation order
+changes); the probability x value GEMMs round the fp32 probabilities to TF32 (10 mantissa bits,
+finer than the bf16 probabilities of a half-precision SDPA kernel). Memory is bounded by
+chunking the queries (``CHUNK_ELEMENTS``).
 """
 
 from __future__ import annotations
@@ -31,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-# elements of the largest [B, heads, queries, docs, doc length] intermediate of one query chunk
-CHUNK_ELEMENTS = 1 << 26
+# elements of the largest fp32 intermediate of one query chunk ([B, heads, queries, docs, doc length]): 1 GiB
+CHUNK_ELEMENTS = 1 << 28
 
 
 def rotate_half(x):
@@ -46,7 +53,8 @@ def rotate(x, cos, sin):
 
 @dataclass
 class DocKV:
-    """One layer's cached document keys/values, document-major ``[B, kv_heads, K, L, d]``."""
+    """One layer's cached document keys/values in fp32, document-major ``[B, kv_heads, K, L, d]``
+    (fp32 so that no decoding step converts them again)."""
 
     raw_k: torch.Tensor  # without rotary embedding (importance)
     rot_k: torch.Tensor  # rotated by the end-packed base position
@@ -68,7 +76,8 @@ class Layout:
     ``doc_index``/``plain_index``: token-major column of each document slot / plain token;
     ``*_valid`` false on padding; ``doc_pos``: end-packed base positions; ``plain_pos``: base
     positions (grown by one column per generated token); ``query_doc``: the document of each
-    prompt token (-1 outside documents); ``query_pos``: its base position.
+    prompt token (-1 outside documents); ``query_pos``: its base position; ``doc_start``: the
+    first document position of each row (the prefix length a).
     """
 
     doc_index: torch.Tensor  # [B, K, L]
@@ -81,6 +90,10 @@ class Layout:
     query_doc: torch.Tensor  # [B, N]
     query_pos: torch.Tensor  # [B, N]
     lengths: torch.Tensor  # [B] prompt tokens per row
+    doc_start: torch.Tensor  # [B]
+
+
+LOW = torch.finfo(torch.float32).min
 
 
 def _gather_tokens(x, index):
@@ -98,7 +111,7 @@ def prefill_cache(k, v, layout: Layout, rotary):
     rot = rotate(dk, cos.view(b, 1, n_docs, length, d), sin.view(b, 1, n_docs, length, d))
     pk, pv = _gather_tokens(k, layout.plain_index), _gather_tokens(v, layout.plain_index)
     cos, sin = rotary(pk, layout.plain_pos)
-    return DocKV(dk, rot, dv), PlainKV(rotate(pk, cos.unsqueeze(1), sin.unsqueeze(1)), pv)
+    return DocKV(dk.float(), rot.float(), dv.float()), PlainKV(rotate(pk, cos.unsqueeze(1), sin.unsqueeze(1)), pv)
 
 
 def _grouped(x, kv_heads):
@@ -106,26 +119,43 @@ def _grouped(x, kv_heads):
     return x.view(x.shape[0], kv_heads, x.shape[1] // kv_heads, *x.shape[2:])
 
 
+def _gemm(a, b, alpha=1.0):
+    """``alpha * a @ b`` in fp32 for a [..., M, k], b [..., k, N] with equal leading dims (one
+    batched GEMM; alpha is applied inside it, not as another pass over the output)."""
+    lead = a.shape[:-2]
+    a3, b3 = a.float().reshape(-1, *a.shape[-2:]), b.float().reshape(-1, *b.shape[-2:])
+    out = torch.baddbmm(a3.new_zeros(()).expand(1, 1, 1), a3, b3, beta=0.0, alpha=alpha)
+    return out.view(*lead, a.shape[-2], b.shape[-1])
+
+
 def _chunk(batch, heads, docs, length, dim):
     return max(1, CHUNK_ELEMENTS // max(1, batch * heads * max(docs, 1) * max(length, dim, 1)))
 
 
-def doc_probabilities(q, docs: DocKV, layout: Layout, scaling, exclude_doc=None):
-    """Softmax of un-rotated scores over the document slots, summed per document: [B, H, T, K].
+def doc_visibility(layout: Layout, q_pos, q_doc):
+    """Which document slots queries at base positions q_pos [B, T] in documents q_doc [B, T]
+    (-1: none) see: [B, T, K, L] (see the module docstring: it does not depend on the shifts)."""
+    n_docs = layout.doc_valid.shape[1]
+    own = q_doc[:, :, None] == torch.arange(n_docs, device=q_pos.device)  # [B, T, K]
+    causal = layout.doc_pos[:, None] <= q_pos[:, :, None, None]  # [B, T, K, L]
+    outside = (q_pos >= layout.doc_start[:, None])[:, :, None, None]  # not a prefix query
+    return layout.doc_valid[:, None] & torch.where(own[..., None], causal, outside)
 
-    ``exclude_doc`` [B, T] (or None): a document whose slots are left out for that query.
-    """
-    g = _grouped(q, docs.raw_k.shape[1])
-    scores = torch.einsum("bgrtd,bgjld->bgrtjl", g.float(), docs.raw_k.float()) * scaling
-    mask = layout.doc_valid[:, None, None, None]  # [B, 1, 1, 1, K, L]
-    if exclude_doc is not None:
-        n_docs = layout.doc_valid.shape[1]
-        own = exclude_doc[:, :, None] == torch.arange(n_docs, device=q.device)  # [B, T, K]
-        mask = mask & ~own[:, None, None, :, :, None]
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    b, kv, r, t, n_docs, length = scores.shape
-    p = torch.softmax(scores.view(b, kv, r, t, -1), dim=-1).view(scores.shape) * mask
-    return p.sum(-1).reshape(b, kv * r, t, n_docs)
+
+def doc_probabilities(q, docs: DocKV, mask, scaling):
+    """Softmax of un-rotated scores over the document slots in ``mask`` [B, T, K, L], summed per
+    document: [B, H, T, K] (zeros for a query that sees no slot)."""
+    b, heads, t, d = q.shape
+    kv, n_docs, length = docs.raw_k.shape[1:4]
+    r = heads // kv
+    keys = docs.raw_k.view(b, kv, n_docs * length, d).transpose(-1, -2)
+    s = _gemm(_grouped(q, kv).reshape(b, kv, r * t, d), keys, scaling).view(b, kv, r, t, n_docs, length)
+    s.masked_fill_(~mask[:, None, None], LOW)
+    top = s.amax(dim=(-2, -1), keepdim=True)
+    per_doc = s.sub_(top).exp_().sum(-1)  # [B, kv, r, T, K]
+    total = per_doc.sum(-1, keepdim=True)
+    p = torch.where(top[..., 0] > LOW, per_doc / total, torch.zeros_like(per_doc))  # all masked: zeros
+    return p.reshape(b, heads, t, n_docs)
 
 
 def shifts_from_importance(importance, doc_len):
@@ -139,49 +169,54 @@ def shifts_from_importance(importance, doc_len):
     return (before.to(doc_len.dtype) * doc_len[:, None, None, :, None]).sum(-2)
 
 
-def document_importance(q, docs: DocKV, layout: Layout, scaling):
-    """imp_i(j) for every document query block: [B, H, K(i), K(j)], own document = +inf."""
+def prompt_importance(q, docs: DocKV, layout: Layout, scaling):
+    """(imp_i(j) of every document query block [B, H, K(i), K(j)] with own document = +inf,
+    imp_t(j) of every prompt token [B, H, N, K]: used for the suffix tokens)."""
     b, heads, n, _ = q.shape
     n_docs, length = layout.doc_valid.shape[1:]
-    total = q.new_zeros((b, heads, n_docs, n_docs), dtype=torch.float32)
+    lengths = layout.doc_len.clamp(min=1)[:, None, None, :].float()
+    per_doc = q.new_zeros((b, heads, n_docs, n_docs), dtype=torch.float32)
+    per_token = q.new_zeros((b, heads, n, n_docs), dtype=torch.float32)
     step = _chunk(b, heads, n_docs, length, 1)
     for begin in range(0, n, step):
         qd = layout.query_doc[:, begin : begin + step]
-        p = doc_probabilities(q[:, :, begin : begin + step], docs, layout, scaling, exclude_doc=qd)
+        # a document query leaves out its own document; a plain one (qd = -1) sees all
+        mask = layout.doc_valid[:, None] & (qd[:, :, None] != torch.arange(n_docs, device=q.device))[..., None]
+        p = doc_probabilities(q[:, :, begin : begin + step], docs, mask, scaling)
         onehot = (qd[:, :, None] == torch.arange(n_docs, device=q.device)).float()  # [B, T, K(i)]
-        total += torch.einsum("bhtj,bti->bhij", p, onehot)
-    total = total / layout.doc_len.clamp(min=1)[:, None, None, :].float()
+        per_doc += torch.einsum("bhtj,bti->bhij", p, onehot)
+        per_token[:, :, begin : begin + step] = p / lengths
     own = torch.eye(n_docs, dtype=torch.bool, device=q.device)
-    return total.masked_fill(own, float("inf"))
+    return (per_doc / lengths).masked_fill(own, float("inf")), per_token
 
 
-def attend(q, q_pos, shift, docs: DocKV, plain: PlainKV, layout: Layout, rotary, scaling):
+def attend(q, q_pos, shift, visible, docs: DocKV, plain: PlainKV, plain_visible, rotary, scaling):
     """Attention output [B, H, T, d] of queries q [B, H, T, d] (un-rotated) at base positions
-    q_pos [B, T], documents shifted by ``shift`` [B, H, T, K]."""
+    q_pos [B, T], documents shifted by ``shift`` [B, H, T, K], document slots ``visible``
+    [B, T, K, L], plain keys ``plain_visible`` [B, T, P]."""
     b, heads, t, d = q.shape
-    kv = docs.rot_k.shape[1]
-    n_docs, length = layout.doc_valid.shape[1:]
+    kv, n_docs, length = docs.rot_k.shape[1:4]
+    r = heads // kv
     cos, sin = rotary(q, q_pos)
-    q_plain = _grouped(rotate(q, cos.unsqueeze(1), sin.unsqueeze(1)), kv)
-    pos = q_pos[:, None, :, None] + shift  # [B, H, T, K]
+    q_plain = _grouped(rotate(q, cos.unsqueeze(1), sin.unsqueeze(1)), kv).reshape(b, kv, r * t, d)
+    pos = _grouped(q_pos[:, None, :, None] + shift, kv).permute(0, 1, 4, 2, 3)  # [B, kv, K, r, T]
     cos, sin = rotary(q, pos.reshape(b, -1))
-    cos, sin = cos.view(b, heads, t, n_docs, d), sin.view(b, heads, t, n_docs, d)
-    q_docs = _grouped(q.unsqueeze(3) * cos + rotate_half(q).unsqueeze(3) * sin, kv)
+    cos, sin = cos.view(b, kv, n_docs, r * t, d), sin.view(b, kv, n_docs, r * t, d)
+    qg = _grouped(q, kv).reshape(b, kv, 1, r * t, d)
+    q_docs = qg * cos + rotate_half(qg) * sin  # [B, kv, K, r*T, d]: one rotated copy per document
 
-    s_plain = torch.einsum("bgrtd,bgpd->bgrtp", q_plain.float(), plain.k.float()) * scaling
-    m_plain = layout.plain_valid[:, None, None, None, :] & (layout.plain_pos[:, None, None, None, :]
-                                                            <= q_pos[:, None, None, :, None])
-    s_docs = torch.einsum("bgrtjd,bgjld->bgrtjl", q_docs.float(), docs.rot_k.float()) * scaling
-    assigned = layout.doc_pos[:, None, None, None] - _grouped(shift, kv)[..., None]  # [B, kv, r, T, K, L]
-    m_docs = layout.doc_valid[:, None, None, None] & (assigned <= q_pos[:, None, None, :, None, None])
-    low = torch.finfo(torch.float32).min
-    scores = torch.cat([s_plain.masked_fill(~m_plain, low),
-                        s_docs.masked_fill(~m_docs, low).flatten(-2)], dim=-1)
-    p = torch.softmax(scores, dim=-1)
-    p_plain, p_docs = p.split([s_plain.shape[-1], n_docs * length], dim=-1)
-    out = torch.einsum("bgrtp,bgpd->bgrtd", p_plain.to(plain.v.dtype), plain.v)
-    out = out + torch.einsum("bgrtjl,bgjld->bgrtd", p_docs.view(s_docs.shape).to(docs.v.dtype), docs.v)
-    return out.reshape(b, heads, t, d)
+    s_docs = _gemm(q_docs, docs.rot_k.transpose(-1, -2), scaling).view(b, kv, n_docs, r, t, length)
+    s_docs.masked_fill_(~visible.permute(0, 2, 1, 3)[:, None, :, None], LOW)
+    s_plain = _gemm(q_plain, plain.k.transpose(-1, -2), scaling).view(b, kv, r, t, -1)
+    s_plain.masked_fill_(~plain_visible[:, None, None], LOW)
+    top = torch.maximum(s_plain.amax(-1), s_docs.amax(dim=(2, 5)))  # [B, kv, r, T]
+    s_plain.sub_(top[..., None]).exp_()
+    s_docs.sub_(top[:, :, None, :, :, None]).exp_()
+    denom = s_plain.sum(-1) + s_docs.sum(dim=(2, 5))
+    out = _gemm(s_plain.view(b, kv, r * t, -1), plain.v)
+    out = out + _gemm(s_docs.view(b, kv, n_docs, r * t, length), docs.v).sum(2)
+    out = out.view(b, kv, r, t, -1) / denom[..., None]
+    return out.reshape(b, heads, t, -1).to(q.dtype)
 
 
 def pine_attention(q, docs: DocKV, plain: PlainKV, layout: Layout, rotary, scaling, *, prefill: bool,
@@ -193,20 +228,24 @@ def pine_attention(q, docs: DocKV, plain: PlainKV, layout: Layout, rotary, scali
     """
     b, heads, t, _ = q.shape
     n_docs, length = layout.doc_valid.shape[1:]
+    lengths = layout.doc_len.clamp(min=1)[:, None, None, :]
     if prefill:
         q_pos, q_doc = layout.query_pos, layout.query_doc
-        per_doc = document_importance(q, docs, layout, scaling)  # [B, H, K, K]
+        per_doc, per_token = prompt_importance(q, docs, layout, scaling)
+        doc_shift = shifts_from_importance(per_doc, layout.doc_len)  # [B, H, K(i), K]
     else:
         q_doc = torch.full((b, t), -1, dtype=torch.long, device=q.device)
     outputs = []
     step = _chunk(b, heads, n_docs, length, q.shape[-1])
     for begin in range(0, t, step):
-        qc, dc = q[:, :, begin : begin + step], q_doc[:, begin : begin + step]
-        importance = doc_probabilities(qc, docs, layout, scaling) / layout.doc_len.clamp(min=1)[:, None, None, :]
+        qc, dc, pc = q[:, :, begin : begin + step], q_doc[:, begin : begin + step], q_pos[:, begin : begin + step]
+        visible = doc_visibility(layout, pc, dc)
         if prefill:
-            in_doc = dc >= 0
-            rows = per_doc.gather(2, dc.clamp(min=0)[:, None, :, None].expand(b, heads, -1, n_docs))
-            importance = torch.where(in_doc[:, None, :, None], rows, importance)
-        shift = shifts_from_importance(importance, layout.doc_len)
-        outputs.append(attend(qc, q_pos[:, begin : begin + step], shift, docs, plain, layout, rotary, scaling))
+            shift = shifts_from_importance(per_token[:, :, begin : begin + step], layout.doc_len)
+            rows = doc_shift.gather(2, dc.clamp(min=0)[:, None, :, None].expand(b, heads, -1, n_docs))
+            shift = torch.where((dc >= 0)[:, None, :, None], rows, shift)
+        else:
+            shift = shifts_from_importance(doc_probabilities(qc, docs, visible, scaling) / lengths, layout.doc_len)
+        plain_visible = layout.plain_valid[:, None] & (layout.plain_pos[:, None] <= pc[:, :, None])
+        outputs.append(attend(qc, pc, shift, visible, docs, plain, plain_visible, rotary, scaling))
     return torch.cat(outputs, dim=2)

@@ -158,17 +158,44 @@ def test_no_step_starts_after_stop_at():
     assert set(status.values()) == {"waiting"} and world["started"] == []
 
 
+def finish(launch, step):
+    handle = launch(step, [])
+    while (code := handle.poll()) is None:
+        pass
+    return code
+
+
 def test_a_steps_scratch_is_removed_once_it_succeeded_only(tmp_path):
     import sys
 
     from pos2distill.lanes import process_launcher
 
-    launch = process_launcher(str(tmp_path / "out"), str(tmp_path), {})
+    out = tmp_path / "out"
+    launch = process_launcher(str(out), str(tmp_path), {})
     for rc, kept in ((75, True), (0, False)):
-        scratch = tmp_path / f"ckpt{rc}"
+        scratch = out / f"ckpt{rc}"
         (scratch / "global_step1").mkdir(parents=True)
         step = Step(f"train{rc}", [sys.executable, "-c", f"raise SystemExit({rc})"], scratch=(str(scratch),))
-        handle = launch(step, [])
-        while (code := handle.poll()) is None:
-            pass
-        assert code == rc and scratch.exists() == kept
+        assert finish(launch, step) == rc and scratch.exists() == kept
+
+
+def test_only_scratch_inside_the_output_folder_and_without_outputs_is_removed(tmp_path):
+    import sys
+
+    from pos2distill.lanes import process_launcher, removable_scratch
+
+    root, out = tmp_path / "repo", tmp_path / "repo" / "out"
+    save = out / "checkpoints" / "p2d"
+    model = save / "run" / "kd_args.json"
+    folders = {"repo": root, "out": out, "outside": tmp_path / "mine", "save": save, "own": save / "_deepspeed_ckpt"}
+    for path in folders.values():
+        (path / "global_step1").mkdir(parents=True)
+    model.parent.mkdir(parents=True)
+    model.write_text("{}")
+    # relative paths are the step's: resolved against root (its working directory), not the driver's cwd
+    scratch = (".", "out", str(folders["outside"]), "out/checkpoints/p2d", "out/checkpoints/p2d/_deepspeed_ckpt")
+    step = Step("train", [sys.executable, "-c", "pass"], outputs=(str(model),), scratch=scratch)
+    assert removable_scratch(step, str(out), str(root)) == [str(folders["own"])]
+    assert finish(process_launcher(str(out), str(root), {}), step) == 0
+    assert {name for name, path in folders.items() if path.exists()} == {"repo", "out", "outside", "save"}
+    assert model.exists() and (root / "global_step1").exists()

@@ -1,5 +1,5 @@
 """Stage 3 on CPU: a step whose gradients are not finite changes nothing under ZeRO-3, is skipped
-and counted, and too many in a row stop the run."""
+and counted, and too many in a row stop the run, also across a pause."""
 
 import os
 
@@ -82,8 +82,8 @@ def nan_worker(_, port, argv, poison_micro_steps, out_file):
 
     trainer.Pos2DistillTrainer.compute_losses = poisoned
     try:
-        main(argv)
-        result = "ok"
+        code = main(argv)
+        result = "ok" if code == 0 else f"exit {code}"
     except UserError as err:
         result = f"error: {err}"
     torch.save({"result": result}, out_file)
@@ -120,3 +120,18 @@ def test_consecutive_non_finite_steps_abort(tmp_path, tiny_model):
     mp.spawn(nan_worker, args=(free_port(), argv, None, out_file), nprocs=1, join=True)
     result = torch.load(out_file)["result"]
     assert result.startswith("error: 2 optimizer steps in a row had a non-finite loss or gradient"), result
+
+
+def test_a_paused_run_keeps_its_streak_of_non_finite_steps(tmp_path, tiny_model):
+    # every step non-finite, at most 2 in a row, a pause after every step (--stop_at in the past):
+    # the first call pauses after skipped step 1; in the resumed call step 2 is the second in a
+    # row (the streak came back with the checkpoint) and aborts rather than pausing again
+    make_pair_dataset(tmp_path / "data" / "nqtiny")
+    argv = _nan_argv(tiny_model, tmp_path / "data", tmp_path) + ["--ckpt_path", str(tmp_path / "ckpt"), "--stop_at", "1"]
+    out_file = str(tmp_path / "nan.pt")
+    mp.spawn(nan_worker, args=(free_port(), argv, None, out_file), nprocs=1, join=True)
+    assert torch.load(out_file)["result"] == "exit 75"
+    assert (tmp_path / "ckpt" / "latest").read_text() == "global_step1"
+    mp.spawn(nan_worker, args=(free_port(), argv + ["--load_checkpoint"], None, out_file), nprocs=1, join=True)
+    result = torch.load(out_file)["result"]
+    assert result.startswith("error: 2 optimizer steps in a row had a non-finite loss or gradient (up to step 2)"), result

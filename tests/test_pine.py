@@ -179,6 +179,27 @@ def test_batched_equals_slow_reference_and_cache_decoding(model_and_tokenizer):
 
 
 @torch.no_grad()
+def test_small_query_chunks_equal_one_chunk(model_and_tokenizer, monkeypatch):
+    """Chunking the queries (memory bound) changes nothing: prefill and a decoding step with a
+    chunk of one or a few queries equal the default single chunk."""
+    import pos2distill.pine_attention as attention
+
+    model, tokenizer = model_and_tokenizer
+    rows = [pieces(tokenizer, 4, seed=5), pieces(tokenizer, 2, seed=6, question="where?")]
+
+    def run():
+        ids, layout = build_layout(rows, "cpu", 0)
+        first, caches = prefill(model, ids, layout)
+        return first, decode_step(model, torch.tensor([21, 22]), layout.lengths, layout, caches)
+
+    expected = run()
+    for elements in (1, 3000):  # one query per chunk; a few
+        monkeypatch.setattr(attention, "CHUNK_ELEMENTS", elements)
+        for got, want in zip(run(), expected):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_one_document_equals_plain_inference(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prefix, docs, suffix = pieces(tokenizer, 1, seed=4)

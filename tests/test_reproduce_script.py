@@ -147,3 +147,37 @@ def test_a_paused_training_resumes_in_the_next_run_and_its_checkpoint_goes(tmp_p
     assert "4 samples consumed" in (out / "logs" / "train-p2d-seed42.log").read_text()
     stopped = reproduce(*args, "--stop_after", "0", timeout=60)  # everything is done: nothing is left to stop
     assert stopped.returncode == 0 and "start " not in stopped.stdout
+
+
+def test_only_the_checkpoint_folder_reproduce_chose_is_scratch(tmp_path):
+    # a CKPT_PATH given with --train_env (the repository, SAVE_PATH, a user's folder, even the
+    # default's own path) is never removed after the training; the default under --out is
+    import reproduce
+    from pos2distill.lanes import Step, removable_scratch
+
+    out = tmp_path / "out"
+
+    def train_step(*train_env):
+        argv = ["table3", "--model", "m", "--data", "d", "--out", str(out)]
+        args = reproduce.parse_args(argv + [a for item in train_env for a in ("--train_env", item)])
+        (_, train), _, _ = reproduce.training_steps(args, "p2d", 42, Step("stage1", []), "nq", "m")
+        return train
+
+    own = str(out / "checkpoints" / "p2d-seed42" / "_deepspeed_ckpt")
+    default = train_step("GRAD_CKPT=0")
+    assert default.env["CKPT_PATH"] == own and default.scratch == (own,)
+    assert removable_scratch(default, str(out), reproduce.ROOT) == [own]
+    for given in (".", "checkpoints", str(out / "checkpoints" / "p2d-seed42"), str(tmp_path / "mine"), own):
+        train = train_step(f"CKPT_PATH={given}")
+        assert train.env["CKPT_PATH"] == given and train.scratch == ()
+        assert removable_scratch(train, str(out), reproduce.ROOT) == []
+
+
+def test_an_outer_stop_at_does_not_reach_the_steps():
+    import reproduce
+
+    outer = {"STOP_AT": "1", "PATH": "/bin", "PYTHONPATH": "/lib"}
+    env = reproduce.steps_environ(outer, None)
+    assert "STOP_AT" not in env and env["PATH"] == "/bin" and env["LOAD_CHECKPOINT"] == "1"
+    assert env["PYTHONPATH"] == os.pathsep.join([reproduce.ROOT, "/lib"]) and outer["STOP_AT"] == "1"
+    assert reproduce.steps_environ(outer, 1234.4)["STOP_AT"] == "1234"  # --stop_after's deadline replaces it

@@ -3,7 +3,8 @@
 Each test kills a real CLI run (tiny random model, CPU) once its first chunk is on
 disk, restarts it with the same arguments and compares the final file byte for
 byte with an uninterrupted run (gzip output carries no time stamp, see
-pos2distill/jsonl.py).
+pos2distill/jsonl.py). Stage 3's settings check is tested at the function level (its
+launcher runs: test_train_kd_e2e.py).
 """
 
 import json
@@ -153,3 +154,49 @@ def test_stage4_interrupted_run_resumes_to_the_same_predictions(tmp_path, tiny_m
     tables = [json.loads((tmp_path / run_dir / "nq" / f"positions_{TOTAL}docs_base.json").read_text())
               for run_dir in ("straight", "resumed")]
     assert tables[0][0]["accuracy"] == tables[1][0]["accuracy"]
+
+
+def test_stage3_resume_refuses_a_checkpoint_saved_under_other_settings(tmp_path, monkeypatch):
+    # models, losses, optimizer, schedule and LoRA are recorded with the checkpoint; a resume
+    # under other ones names the first that differs, old -> new, in one line
+    import pytest
+
+    from kd.resume import check_run_settings, run_settings
+    from kd.train_kd import parse_args
+    from pos2distill.errors import UserError
+
+    (tmp_path / "student").mkdir()
+    base = ["--dataset", "d", "--pretrain", "student", "--teacher_model", "hub/teacher"]
+
+    def settings(*flags):
+        return run_settings(parse_args(base + list(flags)))
+
+    monkeypatch.chdir(tmp_path)
+    saved = settings()
+    spelled_otherwise = run_settings(parse_args(["--dataset", "d", "--pretrain", str(tmp_path / "student"),
+                                                 "--teacher_model", "hub/teacher"]))
+    assert saved["pretrain"] == str(tmp_path / "student") and saved["teacher_model"] == "hub/teacher"
+    check_run_settings(saved, spelled_otherwise, "ckpt")  # one folder, two spellings: the same run
+    check_run_settings(None, saved, "ckpt")  # a checkpoint from before the record: accepted
+    check_run_settings(saved, settings("--seed", "7", "--stop_at", "1", "--max_ckpt_num", "1"), "ckpt")  # not settings
+    assert "lora_alpha" not in saved and "lora_alpha" in settings("--lora_rank", "8")
+    changes = [(["--teacher_model", "hub/other"], "--teacher_model 'hub/teacher', this run has 'hub/other'"),
+               (["--kd_coef", "1,0,0,0"], "--kd_coef [0.0, 0.0, 0.0, 1.0], this run has [1.0, 0.0, 0.0, 0.0]"),
+               (["--perserve", "0.5"], "--perserve 1.0, this run has 0.5"),
+               (["--temperature", "2"], "--temperature 1.0, this run has 2.0"),
+               (["--learning_rate", "1e-5"], "--learning_rate 3e-06, this run has 1e-05"),
+               (["--lr_scheduler", "constant"], "--lr_scheduler 'cosine_with_min_lr', this run has 'constant'"),
+               (["--lr_warmup_ratio", "0"], "--lr_warmup_ratio 0.05, this run has 0.0"),
+               (["--max_epochs", "2"], "--max_epochs 1, this run has 2"),
+               (["--lora_rank", "8"], "--lora_rank 0, this run has 8"),
+               # the first that differs is named, in the order of the flags recorded
+               (["--max_epochs", "2", "--perserve", "0.5"], "--perserve 1.0, this run has 0.5")]
+    for flags, message in changes:
+        with pytest.raises(UserError) as err:
+            check_run_settings(saved, settings(*flags), "ckpt")
+        text = str(err.value)
+        assert text.startswith(f"--load_checkpoint: ckpt was saved by a run with {message}; ") and "\n" not in text
+    lora = settings("--lora_rank", "8")
+    with pytest.raises(UserError, match=r"--target_modules \['all-linear'\], this run has \['q_proj', 'v_proj'\]"):
+        check_run_settings(lora, settings("--lora_rank", "8", "--target_modules", "q_proj", "v_proj"), "ckpt")
+    check_run_settings(lora, settings("--lora_rank", "8", "--target_modules", "all-linear"), "ckpt")

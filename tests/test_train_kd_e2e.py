@@ -79,8 +79,15 @@ def train_flags(model, data_root, out):
 
 
 def run(cmd, cwd):
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
-    return proc.returncode, proc.stdout + proc.stderr
+    """Run cmd; a launch whose free port was taken in the meantime (another job bound it between
+    free_port() and the launcher) is retried on a new port, written back into cmd."""
+    for _ in range(3):
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+        output = proc.stdout + proc.stderr
+        if proc.returncode == 0 or "--master_port" not in cmd or "Address already in use" not in output:
+            break
+        cmd[cmd.index("--master_port") + 1] = str(free_port())
+    return proc.returncode, output
 
 
 def load_state(folder):
@@ -216,6 +223,13 @@ def test_train_nq_sh_lets_the_launcher_take_cuda_visible_devices(tmp_path):
     assert "--packing_samples" in args.split()
     proc, args = launch(CUDA_VISIBLE_DEVICES="", NUM_GPUS="4", PACKING="0")
     assert proc.returncode == 0 and "--packing_samples" not in args.split()
+    # a run that pauses or resumes keeps one DeepSpeed checkpoint (each holds the optimizer state);
+    # others keep the trainer's default
+    for env, resumes in (({}, False), ({"STOP_AT": "1"}, True), ({"LOAD_CHECKPOINT": "1"}, True)):
+        proc, args = launch(CUDA_VISIBLE_DEVICES="", **{"STOP_AT": "", "LOAD_CHECKPOINT": "0", **env})
+        words = args.split()
+        assert proc.returncode == 0 and ("--load_checkpoint" in words) == resumes, proc.stderr
+        assert (words[words.index("--max_ckpt_num") + 1] == "1") if resumes else "--max_ckpt_num" not in words
 
 
 def test_resume_refuses_a_checkpoint_with_another_data_order():
@@ -259,6 +273,20 @@ def test_run_leaves_no_shared_memory_buffers(trained):
     # kd/strategy.py removed them at exit, every such run left 2 x 69 MB here)
     assert trained["code"] == 0, trained["output"][-3000:]
     assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{trained['port']}_*") == []
+
+
+def test_a_rank_stopped_by_sigterm_removes_its_shared_memory_buffer(tmp_path):
+    # the launcher stops the other ranks with SIGTERM when one fails; its default action skips atexit
+    port = str(free_port())
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONPATH=ROOT)
+    code = ("import sys, time; from kd import strategy; path = strategy.shm_buffer_path(0); open(path, 'w').close(); "
+            "strategy._remove_shm_buffer_at_exit(0); print('SHM', path, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    path = next(line.split(" ", 1)[1].strip() for line in proc.stdout if line.startswith("SHM "))
+    assert path.endswith(f"_{port}_0") and os.path.exists(path)
+    proc.terminate()
+    assert proc.wait(timeout=60) == 128 + 15
+    assert not os.path.exists(path)
 
 
 def test_train_exits_0_and_saves_a_loadable_changed_model(trained, tiny_model):
