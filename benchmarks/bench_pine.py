@@ -71,8 +71,11 @@ def measure(backend, prompts, args, device):
                                stop_at_newline=True, desc=backend.name)
     sync(device)
     seconds = time.perf_counter() - start
-    return answers, {"seconds": round(seconds, 3), "prompts_per_s": round(len(prompts) / seconds, 3),
-                     "new_tokens_per_s": round(backend.last_stats["new_tokens"] / seconds, 2)}
+    stats = {"seconds": round(seconds, 3), "prompts_per_s": round(len(prompts) / seconds, 3),
+             "new_tokens_per_s": round(backend.last_stats["new_tokens"] / seconds, 2)}
+    if "prefill_seconds" in backend.last_stats:  # PINE: prompt pass vs decoding
+        stats["prefill_seconds"] = backend.last_stats["prefill_seconds"]
+    return answers, stats
 
 
 def main(argv):
@@ -124,7 +127,8 @@ def main(argv):
         row["slowdown"] = round(row["plain"]["prompts_per_s"] / row["pine"]["prompts_per_s"], 2)
         report["runs"].append(row)
         print(f"batch {batch:>4}: plain {row['plain']['prompts_per_s']:.2f} prompts/s, "
-              f"PINE {row['pine']['prompts_per_s']:.2f} prompts/s ({row['slowdown']}x slower); "
+              f"PINE {row['pine']['prompts_per_s']:.2f} prompts/s ({row['slowdown']}x slower; prefill "
+              f"{row['pine']['prefill_seconds']:.1f} of {row['pine']['seconds']:.1f} s); "
               f"PINE same answer at every position: {row['pine']['same_answer_at_every_position']:.0%}"
               + (f"; accuracy plain {row['plain']['accuracy']} PINE {row['pine']['accuracy']}" if args.data else ""))
     pine.close()

@@ -206,17 +206,17 @@ def _next_tokens(logits, temperature: float, top_p: float, generator):
 
 
 def pine_generate(model, rows, *, max_new_tokens: int, eos_ids, pad_id: int, temperature: float = 0.0,
-                  top_p: float = 1.0, generator=None, newline_table=None) -> tuple[list[list[int]], int]:
+                  top_p: float = 1.0, generator=None, newline_table=None, timings=None) -> tuple[list[list[int]], int]:
     """Generated ids per row (up to and including its EOS or newline stop) and decode steps run.
 
     ``newline_table``: ``generation.base.newline_token_table`` on the device, for the newline stop
-    (a newline after some non-whitespace text ends a row, as in ``HFBackend``).
+    (a newline after some non-whitespace text ends a row, as in ``HFBackend``). ``timings``: a dict
+    whose ``prefill_s`` grows by this batch's prompt pass (seconds, the device synchronised).
     """
-    import torch
-
     with half_inputs_on_tf32(model):
         return _generate(model, rows, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-                         temperature=temperature, top_p=top_p, generator=generator, newline_table=newline_table)
+                         temperature=temperature, top_p=top_p, generator=generator, newline_table=newline_table,
+                         timings=timings)
 
 
 @contextlib.contextmanager
@@ -238,12 +238,17 @@ def half_inputs_on_tf32(model):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def _generate(model, rows, *, max_new_tokens, eos_ids, pad_id, temperature, top_p, generator, newline_table):
+def _generate(model, rows, *, max_new_tokens, eos_ids, pad_id, temperature, top_p, generator, newline_table, timings):
     import torch
 
     device = next(model.parameters()).device
+    began = time.perf_counter()
     input_ids, layout = build_layout(rows, device, pad_id)
     logits, caches = prefill(model, input_ids, layout)
+    if timings is not None:  # where the time goes: one synchronisation per batch
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings["prefill_s"] = timings.get("prefill_s", 0.0) + time.perf_counter() - began
     eos = torch.tensor(list(eos_ids), device=device)
     b = len(rows)
     done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -308,7 +313,7 @@ class PineBackend(GenerationBackend):
             vocab = hf.model.get_output_embeddings().weight.shape[0]
             self._table = tuple(t.to(hf.device) for t in newline_token_table(self.tokenizer, vocab))
         order = sorted(range(len(rows)), key=lambda i: -lengths[i])
-        answers, new_tokens = [None] * len(rows), 0
+        answers, new_tokens, timings = [None] * len(rows), 0, {}
         generator = torch.Generator(device=hf.device).manual_seed(seed)
         with torch.inference_mode(), tqdm(total=len(rows), desc=desc, unit="prompt", dynamic_ncols=True,
                                           disable=not self.show_progress) as bar:
@@ -317,7 +322,8 @@ class PineBackend(GenerationBackend):
                 try:
                     ids, _ = pine_generate(hf.model, [rows[i] for i in batch], max_new_tokens=max_new_tokens,
                                            eos_ids=hf.eos_ids, pad_id=hf.pad_id, temperature=temperature, top_p=top_p,
-                                           generator=generator, newline_table=self._table if stop_at_newline else None)
+                                           generator=generator, newline_table=self._table if stop_at_newline else None,
+                                           timings=timings)
                 except torch.OutOfMemoryError as err:
                     raise UserError(f"out of memory in PINE generation of {len(batch)} prompts; lower --batch_size "
                                     f"(now {self.batch_size})") from err
@@ -326,6 +332,7 @@ class PineBackend(GenerationBackend):
                 new_tokens += sum(map(len, ids))
                 bar.update(len(batch))
         self._record(len(rows), time.perf_counter() - start, new_tokens)
+        self.last_stats["prefill_seconds"] = round(timings.get("prefill_s", 0.0), 3)  # the rest: decoding, tokenizing
         return answers
 
     def close(self) -> None:
