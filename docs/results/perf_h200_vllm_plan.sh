@@ -24,6 +24,23 @@ LOG="$OUT/log_$PART.txt"
 T0=$(date +%s)
 note() { echo "== [$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
 DEADLINE=$(( T0 + ${BUDGET_S:-560} ))  # the call's 600 s, less the time the tarballs need
+# Detached (2026-12-04, fifth session): the last chunk call runs START, which starts part R (then T) in
+# the background from a copy of the repo, with its outputs in /root/out and BUDGET_S for the whole run;
+# later calls WAIT (POLL_S seconds, then the log's tail) and the last COLLECTs /root/out into $OUT.
+case $PART in
+  START)
+    mkdir -p /root/models /root/out && cp -r .carry/data /root/models/ && rm -rf /root/repo && mkdir /root/repo \
+      && cp -r $(ls -A | grep -v '^.carry$') /root/repo/ || exit 1
+    cd /root/repo && OUT=/root/out NO_CACHES=1 setsid nohup bash -c 'bash docs/results/perf_h200_vllm_plan.sh "$1"; \
+      echo "driver exit $?"; touch /root/out/DONE' _ "${NEXT:-R}" > /root/out/driver.txt 2>&1 < /dev/null &
+    sleep 20; tail -5 /root/out/driver.txt; exit 0 ;;
+  WAIT)
+    for _ in $(seq "${POLL_S:-500}"); do [ -f /root/out/DONE ] && break; sleep 1; done
+    tail -n "${TAIL:-40}" /root/out/log_*.txt; ls -la /root/out; exit 0 ;;
+  COLLECT)
+    for _ in $(seq "${POLL_S:-500}"); do [ -f /root/out/DONE ] && break; sleep 1; done
+    tail -n 60 /root/out/log_*.txt; cp /root/out/* "$OUT/" 2>/dev/null; ls -la "$OUT"; exit 0 ;;
+esac
 step() {  # step NAME SECONDS CMD...: one step under a timeout (cut to the deadline), its output in the log
   local name=$1 limit=$2 left=$(( DEADLINE - $(date +%s) )); shift 2
   [ "$left" -lt "$limit" ] && limit=$left
@@ -46,7 +63,7 @@ if [ ! -f /tmp/site/.installed ] && [ "$PART" = C ] && [ -d .whl ]; then  # C al
   [ -d "$M/small" ] || { mkdir -p "$M" && cp -r .carry/small "$M/small"; }
 fi
 if [ ! -f /tmp/site/.installed ]; then
-  finish vllm-wheels.tar 0eaf31a33964bfa1abd28051416c283be3229036f9a3dda202bfacfd045b0212 || exit 1  # perf_h200_carry_prep.sh's deterministic tar (2026-12-04 ran cec48bc1...)
+  finish vllm-wheels.tar ${WHEELS_SHA:-cbdd5c486ee178f5a10d582cc09f326e4a22543b575ef79ea1b4e5453aabfad1} || exit 1  # perf_h200_carry_prep.sh's tar (the wheels pip resolves change: the prep prints the sha)
   mkdir -p /root/wh && tar -xf "$M/vllm-wheels.tar" -C /root/wh
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /root/wh/wheels/*.whl \
     || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
@@ -357,7 +374,7 @@ if [ "$PART" = R ]; then
   note "fixed_a vs fixed_b:"; differ "$FA" "$FB"
   fixed_answers raw_vllm_fixed_a raw_vllm_fixed_b
   tar -czf "$OUT/results_R.tgz" -C "$W" $(cd "$W" && ls -d raw_vllm_fixed*__*.jsonl raw_vllm_fixed*/nq/*.summary.json 2>/dev/null)
-  save_caches
+  [ -n "${NO_CACHES:-}" ] || save_caches
   PART=T EXP=pine SIZE=05  # falls through to part T below
 fi
 # T: reproduce.py experiments, a few steps per session, resumed across sessions from what comes back
@@ -393,6 +410,7 @@ if [ "$PART" = T ]; then
   tar -czf "$OUT/results_$SIZE.tgz" -C "$RUN" $(cd "$RUN" && ls -d steps evaluate compare raw_data table.md table.json 2>/dev/null)
   tar -czf "$OUT/logs_$SIZE.tgz" -C "$RUN" logs 2>/dev/null
   note "part T done: $(ls "$RUN/steps" | wc -l) steps done; results_$SIZE.tgz $(stat -c%s "$OUT/results_$SIZE.tgz") bytes"
+  touch "$OUT/DONE"
   exit 0
 fi
 echo "unknown part $PART" >&2; exit 2
