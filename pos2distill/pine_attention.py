@@ -22,14 +22,23 @@ ranked more important than j; the most important one stays last, nearest to the 
 
 Queries keep their base positions; a query in document i has its end-packed position. With
 RoPE, ``<R(m) q, R(n - shift) k> = <R(m + shift) q, R(n) k>``: keys are rotated once by their
-base position (so they can be cached) and each query is rotated once per document (k + 1
-copies), never a key per query. Scores are fp32 GEMMs with the softmax scale in the GEMM
-(``_gemm``), not SDPA, because a key's rotation depends on the query; the softmax runs in
-place. With half-precision weights on a GPU ``pine.pine_generate`` lets these GEMMs use TF32:
-the score GEMMs' inputs are bf16/fp16 values, which TF32 holds exactly (only the summation order
+base position (so they can be cached). Two kernels use that identity:
+
+- prefill, document queries (nearly all prompt tokens): the queries of document i share one
+  ranking, so document j's keys are rotated back by ``shift_ij`` for that block and each
+  (row, document) block is one fused ``scaled_dot_product_attention`` with a structural mask
+  (``document_queries``). The importance is one fused attention too, whose values are a one-hot
+  of each key's document (``prompt_importance``); scores are never stored.
+- plain queries (prefix, suffix, generated tokens; a few per row), each with its own ranking: the
+  query is rotated once per document (k + 1 copies) and scores are explicit fp32 GEMMs with the
+  softmax scale in the GEMM (``_gemm``), the softmax in place (``attend``).
+
+With half-precision weights on a GPU ``pine.pine_generate`` lets the explicit GEMMs use TF32: the
+score GEMMs' inputs are bf16/fp16 values, which TF32 holds exactly (only the summation order
 changes); the probability x value GEMMs round the fp32 probabilities to TF32 (10 mantissa bits,
-finer than the bf16 probabilities of a half-precision SDPA kernel). Memory is bounded by
-chunking the queries (``CHUNK_ELEMENTS``).
+finer than the bf16 probabilities of a half-precision SDPA kernel). The importance attention runs
+in fp32 (its ranking decides positions: bf16 would make ties); the document blocks run in the
+model's dtype. Memory is bounded by chunking rows, blocks and queries (``CHUNK_ELEMENTS``).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 # elements of the largest fp32 intermediate of one query chunk ([B, heads, queries, docs, doc length]): 1 GiB
 CHUNK_ELEMENTS = 1 << 28
@@ -169,25 +179,84 @@ def shifts_from_importance(importance, doc_len):
     return (before.to(doc_len.dtype) * doc_len[:, None, None, :, None]).sum(-2)
 
 
+def _rows_per_chunk(batch, per_row):
+    return max(1, min(batch, CHUNK_ELEMENTS // max(1, per_row)))
+
+
 def prompt_importance(q, docs: DocKV, layout: Layout, scaling):
     """(imp_i(j) of every document query block [B, H, K(i), K(j)] with own document = +inf,
-    imp_t(j) of every prompt token [B, H, N, K]: used for the suffix tokens)."""
-    b, heads, n, _ = q.shape
-    n_docs, length = layout.doc_valid.shape[1:]
+    imp_t(j) of every prompt token [B, H, N, K]: used for the suffix tokens).
+
+    One fused attention per chunk of rows: un-rotated fp32 queries and document keys, the values a
+    one-hot of each slot's document, so the output is each document's probability mass
+    ``sum_{s in j} p_t(s)`` without the scores ever being stored."""
+    b, heads, n, d = q.shape
+    kv, n_docs, length = docs.raw_k.shape[1:4]
+    slots = n_docs * length
     lengths = layout.doc_len.clamp(min=1)[:, None, None, :].float()
-    per_doc = q.new_zeros((b, heads, n_docs, n_docs), dtype=torch.float32)
-    per_token = q.new_zeros((b, heads, n, n_docs), dtype=torch.float32)
-    step = _chunk(b, heads, n_docs, length, 1)
-    for begin in range(0, n, step):
-        qd = layout.query_doc[:, begin : begin + step]
+    width = -(-n_docs // 8) * 8  # value width a multiple of 8 (fused kernels' alignment)
+    slot_doc = torch.arange(slots, device=q.device) // length
+    onehot = (slot_doc[:, None] == torch.arange(width, device=q.device)).float()  # [KL, width]
+    mass = []
+    step = _rows_per_chunk(b, heads * n * max(slots, d))
+    for begin in range(0, b, step):
+        rows = slice(begin, begin + step)
+        keys = docs.raw_k[rows].reshape(-1, kv, slots, d).repeat_interleave(heads // kv, dim=1)
+        qd = layout.query_doc[rows]
         # a document query leaves out its own document; a plain one (qd = -1) sees all
-        mask = layout.doc_valid[:, None] & (qd[:, :, None] != torch.arange(n_docs, device=q.device))[..., None]
-        p = doc_probabilities(q[:, :, begin : begin + step], docs, mask, scaling)
-        onehot = (qd[:, :, None] == torch.arange(n_docs, device=q.device)).float()  # [B, T, K(i)]
-        per_doc += torch.einsum("bhtj,bti->bhij", p, onehot)
-        per_token[:, :, begin : begin + step] = p / lengths
+        mask = layout.doc_valid[rows].reshape(-1, 1, slots) & (qd[:, :, None] != slot_doc)
+        values = onehot.expand(keys.shape[0], heads, slots, width)
+        out = F.scaled_dot_product_attention(q[rows].float(), keys, values, attn_mask=mask[:, None], scale=scaling)
+        mass.append(out[..., :n_docs].nan_to_num(0.0))  # a query that sees no slot: zeros
+    p = torch.cat(mass)  # [B, H, N, K]
+    onehot_q = (layout.query_doc[:, :, None] == torch.arange(n_docs, device=q.device)).float()  # [B, N, K(i)]
+    per_doc = torch.einsum("bhtj,bti->bhij", p, onehot_q)
     own = torch.eye(n_docs, dtype=torch.bool, device=q.device)
-    return (per_doc / lengths).masked_fill(own, float("inf")), per_token
+    return (per_doc / lengths).masked_fill(own, float("inf")), p / lengths
+
+
+def document_queries(q, docs: DocKV, plain: PlainKV, layout: Layout, rotary, scaling, doc_shift):
+    """Attention output [B, H, K, L, d] of the document queries (prompt tokens in documents).
+
+    All queries of document i share one ranking, so the keys can carry the shifts instead:
+    document j's keys rotated back by ``shift_ij`` (``R(n - s) k = R(-s) R(n) k``) and the query at
+    its own position. Each (row, document) block is then one fused attention over the plain and
+    document keys, with a structural mask (prefix visible, own document causal, others fully)."""
+    b, heads, _, d = q.shape
+    kv, n_docs, length = docs.rot_k.shape[1:4]
+    r, n_plain = heads // kv, plain.k.shape[2]
+    qd = _gather_tokens(q, layout.doc_index)  # [B, H, K, L, d]
+    cos, sin = rotary(qd, layout.doc_pos.view(b, -1))
+    qd = rotate(qd, cos.view(b, 1, n_docs, length, d), sin.view(b, 1, n_docs, length, d))
+    qd = qd.transpose(1, 2).reshape(b * n_docs, heads, length, d)
+    outputs = []
+    pairs = b * n_docs
+    step = _rows_per_chunk(pairs, heads * (n_plain + n_docs * length) * max(d, length))
+    for begin in range(0, pairs, step):
+        index = torch.arange(begin, min(pairs, begin + step), device=q.device)
+        rows, own = index // n_docs, index % n_docs
+        shift = doc_shift[rows, :, own]  # [n, H, K(j)]
+        cos, sin = rotary(docs.rot_k, shift.reshape(len(index), -1))  # fp32, like the cached keys
+        cos, sin = cos.view(len(index), heads, n_docs, 1, d), sin.view(len(index), heads, n_docs, 1, d)
+        k_doc = rotate(docs.rot_k[rows].repeat_interleave(r, dim=1), cos, -sin).reshape(len(index), heads, -1, d)
+        keys = torch.cat([plain.k[rows].repeat_interleave(r, dim=1), k_doc.to(plain.k.dtype)], dim=2)
+        values = torch.cat([plain.v[rows], docs.v[rows].reshape(len(index), kv, -1, d).to(plain.v.dtype)], dim=2)
+        q_pos = layout.doc_pos[rows, own]  # [n, L]
+        see_plain = layout.plain_valid[rows][:, None] & (layout.plain_pos[rows][:, None] <= q_pos[:, :, None])
+        causal = layout.doc_pos[rows][:, None] <= q_pos[:, :, None, None]  # [n, L, K, L']
+        other = (torch.arange(n_docs, device=q.device) != own[:, None])[:, None, :, None]
+        see_docs = layout.doc_valid[rows][:, None] & (other | causal)
+        mask = torch.cat([see_plain, see_docs.reshape(len(index), length, -1)], dim=-1)[:, None]
+        outputs.append(F.scaled_dot_product_attention(qd[begin : begin + len(index)], keys,
+                                                      values.repeat_interleave(r, dim=1), attn_mask=mask, scale=scaling))
+    return torch.cat(outputs).view(b, n_docs, heads, length, d).transpose(1, 2)
+
+
+def _scatter_tokens(out, values, index, valid):
+    """out[:, :, index] = values for the valid slots (others go to a spare last column)."""
+    b, heads, n, d = out.shape
+    column = torch.where(valid, index, n - 1).reshape(b, 1, -1, 1).expand(b, heads, -1, d)
+    out.scatter_(2, column, values.reshape(b, heads, -1, d).to(out.dtype))
 
 
 def attend(q, q_pos, shift, visible, docs: DocKV, plain: PlainKV, plain_visible, rotary, scaling):
@@ -229,23 +298,28 @@ def pine_attention(q, docs: DocKV, plain: PlainKV, layout: Layout, rotary, scali
     b, heads, t, _ = q.shape
     n_docs, length = layout.doc_valid.shape[1:]
     lengths = layout.doc_len.clamp(min=1)[:, None, None, :]
-    if prefill:
-        q_pos, q_doc = layout.query_pos, layout.query_doc
+    if prefill:  # document queries in fused blocks; the few plain ones (prefix, suffix) below
         per_doc, per_token = prompt_importance(q, docs, layout, scaling)
         doc_shift = shifts_from_importance(per_doc, layout.doc_len)  # [B, H, K(i), K]
-    else:
-        q_doc = torch.full((b, t), -1, dtype=torch.long, device=q.device)
+        out = q.new_zeros((b, heads, t + 1, q.shape[-1]))  # + a spare column for padding slots
+        _scatter_tokens(out, document_queries(q, docs, plain, layout, rotary, scaling, doc_shift),
+                        layout.doc_index, layout.doc_valid)
+        q, q_pos = _gather_tokens(q, layout.plain_index), layout.plain_pos
+        importance = _gather_tokens(per_token, layout.plain_index)
+        t = q.shape[2]
+    q_doc = torch.full((b, t), -1, dtype=torch.long, device=q.device)
     outputs = []
     step = _chunk(b, heads, n_docs, length, q.shape[-1])
     for begin in range(0, t, step):
         qc, dc, pc = q[:, :, begin : begin + step], q_doc[:, begin : begin + step], q_pos[:, begin : begin + step]
         visible = doc_visibility(layout, pc, dc)
         if prefill:
-            shift = shifts_from_importance(per_token[:, :, begin : begin + step], layout.doc_len)
-            rows = doc_shift.gather(2, dc.clamp(min=0)[:, None, :, None].expand(b, heads, -1, n_docs))
-            shift = torch.where((dc >= 0)[:, None, :, None], rows, shift)
+            shift = shifts_from_importance(importance[:, :, begin : begin + step], layout.doc_len)
         else:
             shift = shifts_from_importance(doc_probabilities(qc, docs, visible, scaling) / lengths, layout.doc_len)
         plain_visible = layout.plain_valid[:, None] & (layout.plain_pos[:, None] <= pc[:, :, None])
         outputs.append(attend(qc, pc, shift, visible, docs, plain, plain_visible, rotary, scaling))
-    return torch.cat(outputs, dim=2)
+    if not prefill:
+        return torch.cat(outputs, dim=2)
+    _scatter_tokens(out, torch.cat(outputs, dim=2), layout.plain_index, layout.plain_valid)
+    return out[:, :, :-1]

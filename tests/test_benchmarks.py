@@ -334,3 +334,16 @@ def test_packed_attention_kernels_match_a_block_diagonal_mask():
         q.transpose(0, 1), expand(k), expand(v), attn_mask=allowed).transpose(0, 1)
     for method in ("per_row", "per_row_math"):
         torch.testing.assert_close(bench.attention_fn(method)(q, k, v, cu, 5), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_pine_kernel_on_cpu(tmp_path):
+    out = tmp_path / "pine_kernel.json"
+    stdout = _run("bench_pine_kernel.py", "--device", "cpu", "--hidden", 32, "--heads", 4, "--kv_heads", 2,
+                  "--intermediate", 64, "--layers", 1, "--rows", 2, "--docs", 3, "--doc_tokens", 4, 7,
+                  "--decode_steps", 2, "--repeats", 1, "--output", out)
+    report = json.loads(out.read_text())
+    assert report["rows"] == 2 and report["prefill_seconds"] > 0 and report["decode_seconds_per_step"] > 0
+    kernels = report["prefill_kernel_seconds"]
+    assert {"prompt_importance", "document_queries", "attend"} <= set(kernels)
+    assert sum(kernels.values()) <= report["prefill_seconds"] * 1.5  # the kernels are inside the prefill
+    assert "prefill by kernel" in stdout
