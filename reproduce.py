@@ -207,7 +207,8 @@ def eval_step(args, label, model_path, evalset, needs, train_dataset=None, infer
     argv = [PY, "eval_data.py", "--input-path", data, "--model", model_path, "--label", label,
             "--dataset_name", dataset, "--output-path", os.path.join(args.out, "evaluate"), "--total_doc", str(total),
             "--sample_num", str(args.eval_num), "--positions", positions, "--positions_per_call",
-            str(args.positions_per_call), "--backend", args.backend if plain else "hf", "--batch_size", str(batch),
+            # PINE: one position per call, so each is a chunk a cut run keeps (its batches gain nothing from more)
+            str(args.positions_per_call if plain else 1), "--backend", args.backend if plain else "hf", "--batch_size", str(batch),
             "--num_gpus", str(gpus), "--seed", str(args.seed)]
     argv += ["--compact_finished"] if plain else ["--inference", inference]
     argv += ["--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens else []

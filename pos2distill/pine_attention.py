@@ -312,12 +312,14 @@ def pine_attention(q, docs: DocKV, plain: PlainKV, layout: Layout, rotary, scali
     step = _chunk(b, heads, n_docs, length, q.shape[-1])
     for begin in range(0, t, step):
         qc, dc, pc = q[:, :, begin : begin + step], q_doc[:, begin : begin + step], q_pos[:, begin : begin + step]
-        visible = doc_visibility(layout, pc, dc)
         if prefill:
+            visible = doc_visibility(layout, pc, dc)
             shift = shifts_from_importance(importance[:, :, begin : begin + step], layout.doc_len)
-        else:
+            plain_visible = layout.plain_valid[:, None] & (layout.plain_pos[:, None] <= pc[:, :, None])
+        else:  # a generated token sees every document and every earlier token (itself the last)
+            visible = layout.doc_valid[:, None].expand(b, pc.shape[1], -1, -1)
+            plain_visible = layout.plain_valid[:, None].expand(b, pc.shape[1], -1)
             shift = shifts_from_importance(doc_probabilities(qc, docs, visible, scaling) / lengths, layout.doc_len)
-        plain_visible = layout.plain_valid[:, None] & (layout.plain_pos[:, None] <= pc[:, :, None])
         outputs.append(attend(qc, pc, shift, visible, docs, plain, plain_visible, rotary, scaling))
     if not prefill:
         return torch.cat(outputs, dim=2)

@@ -73,6 +73,9 @@ def test_pine_dry_run_shares_table3_steps_and_takes_a_checkpoint(tmp_path, tiny_
     assert all(pine_steps[s] == table3_steps[s] for s in shared)  # same --out: done once for both
     assert "--inference pine" in pine_steps["eval-pine-nq20"] and "--batch_size 16" in pine_steps["eval-pine-nq20"]
     assert "--batch_size 256" in pine_steps["eval-base-nq20"] and "--inference" not in pine_steps["eval-base-nq20"]
+    # a cut PINE evaluation keeps each finished position; plain ones group 4 per generate call
+    assert "--positions_per_call 1 " in pine_steps["eval-pine-nq20"]
+    assert "--positions_per_call 4 " in pine_steps["eval-base-nq20"]
     assert "--positions 0,5,10,15,last" in pine_steps["eval-pine-nq20"]
     assert "bench_pine.py" in pine_steps["bench-pine"] and "--batch_size 8 32" in pine_steps["bench-pine"]
 

@@ -377,6 +377,14 @@ if [ "$PART" = R ]; then
   [ -n "${NO_CACHES:-}" ] || save_caches
   PART=T EXP=pine SIZE=05  # falls through to part T below
 fi
+# P (issue 19, next session): PINE's kernel timed at the 0.5B shape (random weights, 24 layers, 64 prompts of
+# ~2,300 tokens), then part T (EXP=pine SIZE=05). After the chunk calls of the wheels, the 0.5B model and data:
+#   NEXT=P BUDGET_S=1450 SEEDS=1 T_ARGS="--pine_batch 64 --bench_batch 16 64" bash docs/results/perf_h200_vllm_plan.sh START
+if [ "$PART" = P ]; then
+  step bench_pine_kernel 150 python3 benchmarks/bench_pine_kernel.py --device cuda --dtype bfloat16 --layers 24 \
+      --rows 64 --decode_steps 20 --output "$OUT/bench_pine_kernel_h200.json"
+  PART=T EXP=pine SIZE=05  # falls through to part T below
+fi
 # T: reproduce.py experiments, a few steps per session, resumed across sessions from what comes back
 # (steps/, evaluate/, compare/, stage 1's raw_data/; no checkpoints). After the chunk calls (wheels, the
 # model, data), with the previous session's $OUT/results_SIZE.tgz carried as .carry/runs/results_SIZE.tgz.
