@@ -205,7 +205,7 @@ def prompt_importance(q, docs: DocKV, layout: Layout, scaling):
         qd = layout.query_doc[rows]
         # a document query leaves out its own document; a plain one (qd = -1) sees all
         mask = layout.doc_valid[rows].reshape(-1, 1, slots) & (qd[:, :, None] != slot_doc)
-        values = onehot.expand(keys.shape[0], heads, slots, width)
+        values = onehot.expand(keys.shape[0], heads, slots, width).contiguous()  # fused kernels want dense strides
         out = F.scaled_dot_product_attention(q[rows].float(), keys, values, attn_mask=mask[:, None], scale=scaling)
         mass.append(out[..., :n_docs].nan_to_num(0.0))  # a query that sees no slot: zeros
     p = torch.cat(mass)  # [B, H, N, K]
