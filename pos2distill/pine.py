@@ -16,8 +16,11 @@ lengths and document counts, padded), with a KV cache:
   document keys are also kept un-rotated (importance), so a step costs about one plain step
   with the documents' keys twice.
 
-Cost: attention is explicit fp32 matmuls (not fused SDPA), the importance scores double it,
-and each query is rotated once per document; benchmarks/bench_pine.py measures prompts/s.
+Cost: in the prefill, document queries run as fused attention blocks (one per row and document)
+and the importance as one fused fp32 attention; the few plain queries and every decoding step
+use explicit fp32 GEMMs with the query rotated once per document (``pine_attention``).
+benchmarks/bench_pine.py measures prompts/s against plain inference, and
+benchmarks/bench_pine_kernel.py the prefill and a decoding step by kernel.
 """
 
 from __future__ import annotations
