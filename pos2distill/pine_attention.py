@@ -237,7 +237,10 @@ def document_queries(q, docs: DocKV, plain: PlainKV, layout: Layout, rotary, sca
         rows, own = index // n_docs, index % n_docs
         shift = doc_shift[rows, :, own]  # [n, H, K(j)]
         cos, sin = rotary(docs.rot_k, shift.reshape(len(index), -1))  # fp32, like the cached keys
-        cos, sin = cos.view(len(index), heads, n_docs, 1, d), sin.view(len(index), heads, n_docs, 1, d)
+        # a pure rotation: the cached keys already carry the rope's attention scaling (YaRN: != 1)
+        unscale = getattr(rotary, "attention_scaling", 1.0)
+        cos = (cos / unscale).view(len(index), heads, n_docs, 1, d)
+        sin = (sin / unscale).view(len(index), heads, n_docs, 1, d)
         k_doc = rotate(docs.rot_k[rows].repeat_interleave(r, dim=1), cos, -sin).reshape(len(index), heads, -1, d)
         keys = torch.cat([plain.k[rows].repeat_interleave(r, dim=1), k_doc.to(plain.k.dtype)], dim=2)
         values = torch.cat([plain.v[rows], docs.v[rows].reshape(len(index), kv, -1, d).to(plain.v.dtype)], dim=2)

@@ -246,3 +246,43 @@ def test_eval_data_inference_pine_end_to_end(tmp_path, tiny_model):
     refused = subprocess.run(common + ["--label", "x", "--inference", "pine", "--backend", "vllm"],
                              capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2 and "error:" in refused.stderr and "hf backend only" in refused.stderr
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rope", [None, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}])
+def test_document_blocks_equal_the_per_query_kernel(tiny_model, rope):
+    """The prefill's fused document blocks (keys rotated back by the shifts) equal the explicit
+    per-query kernel (each query rotated once per document), also under a rope whose cos/sin carry
+    an attention scaling (YaRN), which the key-side rotation must not apply twice."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    import pos2distill.pine_attention as attention
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         **({"rope_scaling": rope} if rope else {}))
+    torch.manual_seed(2)
+    model = Qwen2ForCausalLM(config).eval()
+    rotary = model.model.rotary_emb
+    assert (rotary.attention_scaling != 1.0) == bool(rope)
+    rows = [pieces(tokenizer, 4, seed=7), pieces(tokenizer, 3, seed=8, question="which?")]
+    ids, layout = build_layout(rows, "cpu", 0)
+    b, n = ids.shape
+    heads, kv, d = 4, 2, 16
+    q, k, v = torch.randn(b, heads, n, d), torch.randn(b, kv, n, d), torch.randn(b, kv, n, d)
+    docs, plain = attention.prefill_cache(k, v, layout, rotary)
+    scaling = d ** -0.5
+    fused = attention.pine_attention(q, docs, plain, layout, rotary, scaling, prefill=True)
+    # the explicit kernel for every prompt token, with the document rankings of the fused path
+    per_doc, per_token = attention.prompt_importance(q, docs, layout, scaling)
+    doc_shift = attention.shifts_from_importance(per_doc, layout.doc_len)
+    q_doc, q_pos = layout.query_doc, layout.query_pos
+    rows_shift = doc_shift.gather(2, q_doc.clamp(min=0)[:, None, :, None].expand(b, heads, -1, doc_shift.shape[-1]))
+    shift = torch.where((q_doc >= 0)[:, None, :, None], rows_shift,
+                        attention.shifts_from_importance(per_token, layout.doc_len))
+    visible = attention.doc_visibility(layout, q_pos, q_doc)
+    plain_visible = layout.plain_valid[:, None] & (layout.plain_pos[:, None] <= q_pos[:, :, None])
+    explicit = attention.attend(q, q_pos, shift, visible, docs, plain, plain_visible, rotary, scaling)
+    for row, length in enumerate(layout.lengths.tolist()):
+        torch.testing.assert_close(fused[row, :, :length], explicit[row, :, :length], atol=1e-5, rtol=1e-5)
