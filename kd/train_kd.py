@@ -379,6 +379,17 @@ def train(args) -> None:
         strategy.print(f"timing: save check {lap()}")
 
 
+def leave_process_group() -> None:
+    """End the process group in order once every rank is done. Left to interpreter exit, gloo's
+    threads were at times torn down under a live group, aborting a rank of a finished run
+    ("terminate called without an active exception", exit -6; CI, 2026-12-04)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @releasing_locks
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -387,7 +398,9 @@ def main(argv=None) -> int:
         train(args)
     except TrainingPaused as paused:
         print(paused, flush=True)
+        leave_process_group()
         return PAUSED_EXIT
+    leave_process_group()
     return 0
 
 
