@@ -18,7 +18,8 @@ ranked more important than j; the most important one stays last, nearest to the 
 - a key is visible when its assigned position is <= the query's position. Because the own
   document is ranked first, that rule never depends on the shifts: prefix queries see the prefix
   (causal) and no document; a document query sees its own document causally and every other
-  document fully; suffix and generated tokens see everything (``doc_visibility``).
+  document fully (``document_queries``' mask); suffix and generated tokens see everything
+  (``plain_visibility``).
 
 Queries keep their base positions; a query in document i has its end-packed position. With
 RoPE, ``<R(m) q, R(n - shift) k> = <R(m + shift) q, R(n) k>``: keys are rotated once by their
@@ -138,18 +139,19 @@ def _gemm(a, b, alpha=1.0):
     return out.view(*lead, a.shape[-2], b.shape[-1])
 
 
-def _chunk(batch, heads, docs, length, dim):
-    return max(1, CHUNK_ELEMENTS // max(1, batch * heads * max(docs, 1) * max(length, dim, 1)))
+def _per_chunk(units, per_unit):
+    """How many units (rows, blocks, queries) of ``per_unit`` elements one chunk holds."""
+    return max(1, min(units, CHUNK_ELEMENTS // max(1, per_unit)))
 
 
-def doc_visibility(layout: Layout, q_pos, q_doc):
-    """Which document slots queries at base positions q_pos [B, T] in documents q_doc [B, T]
-    (-1: none) see: [B, T, K, L] (see the module docstring: it does not depend on the shifts)."""
-    n_docs = layout.doc_valid.shape[1]
-    own = q_doc[:, :, None] == torch.arange(n_docs, device=q_pos.device)  # [B, T, K]
-    causal = layout.doc_pos[:, None] <= q_pos[:, :, None, None]  # [B, T, K, L]
-    outside = (q_pos >= layout.doc_start[:, None])[:, :, None, None]  # not a prefix query
-    return layout.doc_valid[:, None] & torch.where(own[..., None], causal, outside)
+def plain_visibility(layout: Layout, q_pos):
+    """(document slots [B, T, K, L], plain keys [B, T, P]) seen by plain queries (prefix, suffix,
+    generated tokens) at base positions q_pos [B, T]: a prefix query sees no document and the
+    prefix causally; a later one every document and every plain key up to itself (the module
+    docstring: this does not depend on the shifts)."""
+    after_prefix = (q_pos >= layout.doc_start[:, None])[:, :, None, None]
+    plain = layout.plain_valid[:, None] & (layout.plain_pos[:, None] <= q_pos[:, :, None])
+    return layout.doc_valid[:, None] & after_prefix, plain
 
 
 def doc_probabilities(q, docs: DocKV, mask, scaling):
@@ -179,10 +181,6 @@ def shifts_from_importance(importance, doc_len):
     return (before.to(doc_len.dtype) * doc_len[:, None, None, :, None]).sum(-2)
 
 
-def _rows_per_chunk(batch, per_row):
-    return max(1, min(batch, CHUNK_ELEMENTS // max(1, per_row)))
-
-
 def prompt_importance(q, docs: DocKV, layout: Layout, scaling):
     """(imp_i(j) of every document query block [B, H, K(i), K(j)] with own document = +inf,
     imp_t(j) of every prompt token [B, H, N, K]: used for the suffix tokens).
@@ -198,7 +196,7 @@ def prompt_importance(q, docs: DocKV, layout: Layout, scaling):
     slot_doc = torch.arange(slots, device=q.device) // length
     onehot = (slot_doc[:, None] == torch.arange(width, device=q.device)).float()  # [KL, width]
     mass = []
-    step = _rows_per_chunk(b, heads * n * max(slots, d))
+    step = _per_chunk(b, heads * n * max(slots, d))
     for begin in range(0, b, step):
         rows = slice(begin, begin + step)
         keys = docs.raw_k[rows].reshape(-1, kv, slots, d).repeat_interleave(heads // kv, dim=1)
@@ -231,14 +229,14 @@ def document_queries(q, docs: DocKV, plain: PlainKV, layout: Layout, rotary, sca
     qd = qd.transpose(1, 2).reshape(b * n_docs, heads, length, d)
     outputs = []
     pairs = b * n_docs
-    step = _rows_per_chunk(pairs, heads * (n_plain + n_docs * length) * max(d, length))
+    # the shifts' rotation is a pure one: the cached keys already carry the rope's attention scaling (YaRN: != 1)
+    unscale = getattr(rotary, "attention_scaling", 1.0)
+    step = _per_chunk(pairs, heads * (n_plain + n_docs * length) * max(d, length))
     for begin in range(0, pairs, step):
         index = torch.arange(begin, min(pairs, begin + step), device=q.device)
         rows, own = index // n_docs, index % n_docs
         shift = doc_shift[rows, :, own]  # [n, H, K(j)]
         cos, sin = rotary(docs.rot_k, shift.reshape(len(index), -1))  # fp32, like the cached keys
-        # a pure rotation: the cached keys already carry the rope's attention scaling (YaRN: != 1)
-        unscale = getattr(rotary, "attention_scaling", 1.0)
         cos = (cos / unscale).view(len(index), heads, n_docs, 1, d)
         sin = (sin / unscale).view(len(index), heads, n_docs, 1, d)
         k_doc = rotate(docs.rot_k[rows].repeat_interleave(r, dim=1), cos, -sin).reshape(len(index), heads, -1, d)
@@ -310,18 +308,14 @@ def pine_attention(q, docs: DocKV, plain: PlainKV, layout: Layout, rotary, scali
         q, q_pos = _gather_tokens(q, layout.plain_index), layout.plain_pos
         importance = _gather_tokens(per_token, layout.plain_index)
         t = q.shape[2]
-    q_doc = torch.full((b, t), -1, dtype=torch.long, device=q.device)
     outputs = []
-    step = _chunk(b, heads, n_docs, length, q.shape[-1])
+    step = _per_chunk(t, b * heads * max(n_docs, 1) * max(length, q.shape[-1], 1))
     for begin in range(0, t, step):
-        qc, dc, pc = q[:, :, begin : begin + step], q_doc[:, begin : begin + step], q_pos[:, begin : begin + step]
+        qc, pc = q[:, :, begin : begin + step], q_pos[:, begin : begin + step]
+        visible, plain_visible = plain_visibility(layout, pc)
         if prefill:
-            visible = doc_visibility(layout, pc, dc)
             shift = shifts_from_importance(importance[:, :, begin : begin + step], layout.doc_len)
-            plain_visible = layout.plain_valid[:, None] & (layout.plain_pos[:, None] <= pc[:, :, None])
-        else:  # a generated token sees every document and every earlier token (itself the last)
-            visible = layout.doc_valid[:, None].expand(b, pc.shape[1], -1, -1)
-            plain_visible = layout.plain_valid[:, None].expand(b, pc.shape[1], -1)
+        else:
             shift = shifts_from_importance(doc_probabilities(qc, docs, visible, scaling) / lengths, layout.doc_len)
         outputs.append(attend(qc, pc, shift, visible, docs, plain, plain_visible, rotary, scaling))
     if not prefill:

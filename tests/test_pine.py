@@ -281,7 +281,11 @@ def test_document_blocks_equal_the_per_query_kernel(tiny_model, rope):
     rows_shift = doc_shift.gather(2, q_doc.clamp(min=0)[:, None, :, None].expand(b, heads, -1, doc_shift.shape[-1]))
     shift = torch.where((q_doc >= 0)[:, None, :, None], rows_shift,
                         attention.shifts_from_importance(per_token, layout.doc_len))
-    visible = attention.doc_visibility(layout, q_pos, q_doc)
+    # the visibility rule, written out: own document causal, other documents for any query past the prefix
+    own = q_doc[:, :, None] == torch.arange(layout.doc_valid.shape[1])
+    causal = layout.doc_pos[:, None] <= q_pos[:, :, None, None]
+    after_prefix = (q_pos >= layout.doc_start[:, None])[:, :, None, None]
+    visible = layout.doc_valid[:, None] & torch.where(own[..., None], causal, after_prefix)
     plain_visible = layout.plain_valid[:, None] & (layout.plain_pos[:, None] <= q_pos[:, :, None])
     explicit = attention.attend(q, q_pos, shift, visible, docs, plain, plain_visible, rotary, scaling)
     for row, length in enumerate(layout.lengths.tolist()):
